@@ -1,0 +1,44 @@
+"""sha256 helpers shared by the stores, the verifier and the build's stage cache."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import BinaryIO
+
+CHUNK = 4 * 1024 * 1024
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def is_digest(text: str) -> bool:
+    """True for ``sha256:<64 lowercase hex>``."""
+    return bool(_DIGEST_RE.match(text))
+
+
+def hex_of(digest: str) -> str:
+    """The hex part of ``sha256:<hex>``; raises ValueError on anything else."""
+    if not is_digest(digest):
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+    return digest.split(":", 1)[1]
+
+
+def sha256_bytes(data: bytes) -> str:
+    """``sha256:<hex>`` of a byte string."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def sha256_stream(stream: BinaryIO) -> tuple[str, int]:
+    """Digest and length of everything left in ``stream``."""
+    h = hashlib.sha256()
+    size = 0
+    while chunk := stream.read(CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+    return "sha256:" + h.hexdigest(), size
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    """Digest and size of a file, read once in large chunks (hashlib releases the GIL on them)."""
+    with open(path, "rb") as f:
+        return sha256_stream(f)

@@ -1,0 +1,140 @@
+"""The local, content-addressed store (the default ``publish=local``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from artifacts.digest import CHUNK, hex_of, sha256_bytes, sha256_file
+from artifacts.errors import NotFoundError, StoreError, VerificationError
+from artifacts.store import ArtifactInfo, ProgressFn
+from artifacts.uri import normalize_store_uri
+
+
+class LocalStore:
+    """A store rooted at a local directory; see :mod:`artifacts.store` for the layout."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = normalize_store_uri(uri)
+        self.root = Path(self.uri[len("file://") :])
+
+    # -- blobs ---------------------------------------------------------------------------------------------
+    def blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / "sha256" / hex_of(digest)
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def put_blob(self, digest: str, src: Path, size: int, progress: ProgressFn | None = None) -> None:
+        if self.has_blob(digest):
+            if progress:
+                progress(size)
+            return
+        write_verified(src, self.blob_path(digest), digest, size, progress, name=str(src))
+        self.blob_path(digest).chmod(0o444)
+
+    def fetch_blob(self, digest: str, size: int, dest: Path, progress: ProgressFn | None = None) -> None:
+        blob = self.blob_path(digest)
+        if not blob.is_file():
+            raise NotFoundError(f"blob {digest} is missing from store {self.uri}")
+        write_verified(blob, dest, digest, size, progress, name=f"{self.uri} blob {digest}")
+
+    def check_blob(self, digest: str, size: int) -> None:
+        blob = self.blob_path(digest)
+        if not blob.is_file():
+            raise VerificationError(f"blob {digest} is missing from store {self.uri}")
+        got, got_size = sha256_file(blob)
+        if got != digest or got_size != size:
+            raise VerificationError(
+                f"blob {blob} is corrupt: expected {digest} ({size} bytes), found {got} ({got_size} bytes)"
+            )
+
+    # -- manifests, tags, records --------------------------------------------------------------------------
+    def put_manifest(self, name: str, data: bytes) -> str:
+        digest = sha256_bytes(data)
+        if not self.has_blob(digest):
+            self._write_bytes(self.blob_path(digest), data)
+        self._write_bytes(self._name_dir(name) / "manifests" / hex_of(digest), b"")
+        return digest
+
+    def get_manifest(self, name: str, digest: str) -> bytes:
+        marker = self._name_dir(name) / "manifests" / hex_of(digest)
+        blob = self.blob_path(digest)
+        if not marker.exists() or not blob.is_file():
+            raise NotFoundError(f"{self.uri}/{name}@{digest} does not exist")
+        data = blob.read_bytes()
+        if sha256_bytes(data) != digest:
+            raise VerificationError(f"manifest {self.uri}/{name}@{digest} is corrupt in the store")
+        return data
+
+    def set_tag(self, name: str, tag: str, digest: str) -> None:
+        self._write_bytes(self._name_dir(name) / "tags" / tag, f"{digest}\n".encode())
+
+    def resolve_tag(self, name: str, tag: str) -> str:
+        path = self._name_dir(name) / "tags" / tag
+        if not path.is_file():
+            raise NotFoundError(f"{self.uri}/{name}:{tag} does not exist")
+        return path.read_text().strip()
+
+    def put_record(self, name: str, digest: str, record: Mapping[str, Any]) -> None:
+        data = json.dumps(dict(record), indent=2, sort_keys=True).encode()
+        self._write_bytes(self._name_dir(name) / "records" / f"{hex_of(digest)}.json", data)
+
+    def list_artifacts(self) -> list[ArtifactInfo]:
+        names_dir = self.root / "names"
+        if not names_dir.is_dir():
+            return []
+        infos = []
+        for name_dir in sorted(p for p in names_dir.iterdir() if p.is_dir()):
+            digests = tuple(sorted(f"sha256:{m.name}" for m in (name_dir / "manifests").glob("*")))
+            tags = {t.name: t.read_text().strip() for t in sorted((name_dir / "tags").glob("*"))}
+            infos.append(ArtifactInfo(name=name_dir.name, digests=digests, tags=tags))
+        return infos
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _name_dir(self, name: str) -> Path:
+        return self.root / "names" / name
+
+    def _tmp_file(self, near: Path) -> tuple[int, str]:
+        try:
+            near.parent.mkdir(parents=True, exist_ok=True)
+            return tempfile.mkstemp(dir=near.parent, prefix=".tmp-")
+        except OSError as exc:
+            raise StoreError(f"cannot write to store {self.uri}: {exc.strerror} ({near.parent})") from exc
+
+    def _write_bytes(self, dest: Path, data: bytes) -> None:
+        fd, tmp = self._tmp_file(dest)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)
+
+
+def write_verified(src: Path, dest: Path, digest: str, size: int, progress: ProgressFn | None, name: str) -> None:
+    """Copy ``src`` to ``dest`` through a temporary file, hashing while copying; rename only if it matches.
+
+    On mismatch the temporary file is removed and VerificationError names ``name``.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+    try:
+        h = hashlib.sha256()
+        written = 0
+        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+            while chunk := fin.read(CHUNK):
+                h.update(chunk)
+                fout.write(chunk)
+                written += len(chunk)
+                if progress:
+                    progress(len(chunk))
+        got = "sha256:" + h.hexdigest()
+        if got != digest or written != size:
+            raise VerificationError(f"{name} is corrupt: expected {digest} ({size} bytes), got {got} ({written} bytes)")
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

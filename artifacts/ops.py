@@ -1,0 +1,187 @@
+"""Operations on artifacts that work the same on every store: publish, pull, verify, copy."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from artifacts.digest import sha256_file
+from artifacts.errors import ManifestError, VerificationError
+from artifacts.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
+from artifacts.progress import byte_progress
+from artifacts.store import Store, open_store
+from artifacts.uri import ArtifactRef
+
+log = logging.getLogger("kiln.artifacts")
+JOBS = min(8, (os.cpu_count() or 2) * 2)
+
+
+def scan_dir(directory: Path) -> list[FileEntry]:
+    """Hash every regular file under ``directory`` (except the manifest) into manifest entries.
+
+    Symlinks are refused: an artifact is plain files, so what is verified is what is served.
+    """
+    paths = []
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_symlink():
+            raise ManifestError(f"{path} is a symlink; artifacts hold regular files only")
+        if path.is_file() and rel != MANIFEST_NAME:
+            paths.append((rel, path))
+    with ThreadPoolExecutor(JOBS) as pool:
+        digests = list(pool.map(lambda item: sha256_file(item[1]), paths))
+    return [
+        FileEntry(path=rel, size=size, sha256=digest) for (rel, _), (digest, size) in zip(paths, digests, strict=True)
+    ]
+
+
+def read_dir_manifest(directory: Path) -> Manifest:
+    """Parse ``directory/manifest.json``."""
+    path = directory / MANIFEST_NAME
+    if path.is_symlink():
+        raise VerificationError(f"{path} is a symlink; refusing it")
+    return Manifest.from_bytes(path.read_bytes())
+
+
+def verify_dir(directory: Path, manifest: Manifest) -> list[str]:
+    """Check every file of ``manifest`` under ``directory`` (size, then sha256). Returns unlisted files.
+
+    Raises VerificationError naming the first bad file. Unlisted files are returned (not refused) so a
+    caller can warn: users add ``serving.properties`` beside an artifact on purpose.
+    """
+    verify_files(directory, manifest.files)
+    listed = {e.path for e in manifest.files} | {MANIFEST_NAME}
+    return sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if p.is_file() and p.relative_to(directory).as_posix() not in listed
+    )
+
+
+def verify_files(directory: Path, files: Iterable[FileEntry]) -> None:
+    """Check that each entry exists under ``directory`` as a regular file with its size and sha256."""
+    root = directory.resolve()
+
+    def check(entry: FileEntry) -> None:
+        path = directory / entry.path
+        _refuse_symlinks(directory, entry.path)
+        if not path.is_file():
+            raise VerificationError(f"{entry.path}: missing from {directory}")
+        if not path.resolve().is_relative_to(root):
+            raise VerificationError(f"{entry.path}: resolves outside {directory}")
+        if path.stat().st_size != entry.size:
+            raise VerificationError(
+                f"{entry.path}: size {path.stat().st_size} does not match the manifest ({entry.size}); "
+                "the file is truncated or was modified"
+            )
+        digest, _ = sha256_file(path)
+        if digest != entry.sha256:
+            raise VerificationError(f"{entry.path}: sha256 {digest} does not match the manifest ({entry.sha256})")
+
+    with ThreadPoolExecutor(JOBS) as pool:
+        list(pool.map(check, files))
+
+
+def _refuse_symlinks(directory: Path, rel: str) -> None:
+    current = directory
+    for part in rel.split("/"):
+        current = current / part
+        if current.is_symlink():
+            raise VerificationError(f"{rel}: {current} is a symlink; refusing it")
+
+
+def resolve(ref: ArtifactRef, store: Store | None = None) -> ArtifactRef:
+    """Turn a tag reference into a digest reference."""
+    if ref.digest:
+        return ref
+    store = store or open_store(ref.store)
+    assert ref.tag is not None
+    return ref.with_digest(store.resolve_tag(ref.name, ref.tag))
+
+
+def load_manifest(ref: ArtifactRef, store: Store | None = None) -> tuple[ArtifactRef, Manifest]:
+    """Resolve ``ref`` and fetch its manifest, checking that the bytes hash to the digest."""
+    store = store or open_store(ref.store)
+    ref = resolve(ref, store)
+    assert ref.digest is not None
+    manifest = Manifest.from_bytes(store.get_manifest(ref.name, ref.digest))
+    if manifest.digest != ref.digest:
+        raise VerificationError(f"{ref}: manifest bytes are not canonical (digest {manifest.digest})")
+    if manifest.name != ref.name:
+        raise VerificationError(f"{ref}: manifest is for artifact {manifest.name!r}, not {ref.name!r}")
+    return ref, manifest
+
+
+def publish(
+    directory: Path,
+    manifest: Manifest,
+    store_uri: str,
+    tags: Iterable[str] = (),
+    record: Mapping[str, Any] | None = None,
+) -> ArtifactRef:
+    """Upload what the store lacks, then the manifest, then the tags. Safe to re-run after a failure."""
+    store = open_store(store_uri)
+    missing = [e for e in _unique_blobs(manifest.files) if not store.has_blob(e.sha256)]
+    total = sum(e.size for e in missing)
+    log.info("publish %s: %d of %d blobs to upload (%d bytes)", manifest.name, len(missing), len(manifest.files), total)
+    with byte_progress(total, f"publish {manifest.name}") as advance, ThreadPoolExecutor(JOBS) as pool:
+        list(pool.map(lambda e: store.put_blob(e.sha256, directory / e.path, e.size, advance), missing))
+    digest = store.put_manifest(manifest.name, manifest.to_bytes())
+    if record:
+        store.put_record(manifest.name, digest, record)
+    for tag in tags:
+        store.set_tag(manifest.name, tag, digest)
+    return ArtifactRef(store=store.uri, name=manifest.name, digest=digest)
+
+
+def pull(ref: ArtifactRef, dest: Path) -> Manifest:
+    """Materialize an artifact into ``dest`` (which must not exist), verified, via an atomic rename."""
+    store = open_store(ref.store)
+    ref, manifest = load_manifest(ref, store)
+    if dest.exists():
+        raise VerificationError(f"{dest} already exists; pull into a new directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".pull-{manifest.name}-"))
+    try:
+        with byte_progress(manifest.total_size, f"pull {manifest.name}") as advance, ThreadPoolExecutor(JOBS) as pool:
+            list(
+                pool.map(
+                    lambda e: store.fetch_blob(e.sha256, e.size, tmp / check_relpath(e.path), advance), manifest.files
+                )
+            )
+        (tmp / MANIFEST_NAME).write_bytes(manifest.to_bytes())
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def verify_ref(ref: ArtifactRef) -> tuple[ArtifactRef, Manifest]:
+    """Check the manifest and every blob of a stored artifact."""
+    store = open_store(ref.store)
+    ref, manifest = load_manifest(ref, store)
+    with ThreadPoolExecutor(JOBS) as pool:
+        list(pool.map(lambda e: store.check_blob(e.sha256, e.size), _unique_blobs(manifest.files)))
+    return ref, manifest
+
+
+def copy(ref: ArtifactRef, dest_store_uri: str, tags: Iterable[str] = ()) -> ArtifactRef:
+    """Copy an artifact between stores (through a verified local staging directory)."""
+    with tempfile.TemporaryDirectory(prefix="kiln-copy-") as tmp:
+        staged = Path(tmp) / "artifact"
+        manifest = pull(ref, staged)
+        return publish(staged, manifest, dest_store_uri, tags=tags)
+
+
+def _unique_blobs(files: Iterable[FileEntry]) -> list[FileEntry]:
+    seen: dict[str, FileEntry] = {}
+    for entry in files:
+        seen.setdefault(entry.sha256, entry)
+    return list(seen.values())

@@ -1,0 +1,86 @@
+"""The store interface and the store registry.
+
+A store holds content-addressed blobs (every file of every artifact, and each manifest's canonical bytes),
+names that point at manifests, and tags that point at digests. The same key layout is used by every store:
+
+    blobs/sha256/<hex>                    file contents and manifest bytes
+    names/<name>/manifests/<hex>          marker: artifact <name> has manifest sha256:<hex>
+    names/<name>/tags/<tag>               text "sha256:<hex>"
+    names/<name>/records/<hex>.json       build record (time, host, ...): volatile, outside the digest
+
+Publishing writes blobs first, then the manifest and its marker, then tags, so a reader never sees a name or
+tag that points at missing content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from artifacts.errors import UriError
+from artifacts.uri import scheme_of
+
+ProgressFn = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """One name in a store: its manifests and its tags."""
+
+    name: str
+    digests: tuple[str, ...]
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+class Store(Protocol):
+    """What the artifact operations need from a store."""
+
+    uri: str
+
+    def has_blob(self, digest: str) -> bool: ...
+
+    def put_blob(self, digest: str, src: Path, size: int, progress: ProgressFn | None = None) -> None:
+        """Store ``src`` (whose content hashes to ``digest``) unless present. Must re-verify while writing."""
+        ...
+
+    def fetch_blob(self, digest: str, size: int, dest: Path, progress: ProgressFn | None = None) -> None:
+        """Write the blob to ``dest`` atomically, verifying size and sha256 while streaming."""
+        ...
+
+    def check_blob(self, digest: str, size: int) -> None:
+        """Re-hash a stored blob; raise VerificationError if it is missing or differs."""
+        ...
+
+    def put_manifest(self, name: str, data: bytes) -> str: ...
+
+    def get_manifest(self, name: str, digest: str) -> bytes: ...
+
+    def set_tag(self, name: str, tag: str, digest: str) -> None: ...
+
+    def resolve_tag(self, name: str, tag: str) -> str: ...
+
+    def put_record(self, name: str, digest: str, record: Mapping[str, Any]) -> None: ...
+
+    def list_artifacts(self) -> list[ArtifactInfo]: ...
+
+
+def _local(uri: str) -> Store:
+    from artifacts.local import LocalStore
+
+    return LocalStore(uri)
+
+
+# Registry keyed by the `publish=` config option name; `SCHEME_TO_STORE` maps URI schemes onto it.
+STORES: dict[str, Callable[[str], Store]] = {"local": _local}
+SCHEME_TO_STORE = {"file": "local"}
+
+
+def open_store(uri: str) -> Store:
+    """Open the store named by a store URI (``file:///…`` or ``s3://…``)."""
+    scheme = scheme_of(uri)
+    kind = SCHEME_TO_STORE.get(scheme)
+    if kind is None:
+        raise UriError(f"{uri!r}: no store for {scheme}:// URIs is available (known: {sorted(SCHEME_TO_STORE)})")
+    return STORES[kind](uri)

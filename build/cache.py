@@ -1,0 +1,144 @@
+"""The stage cache: every stage's output stored under the digest of its inputs, verified before reuse.
+
+    <kiln cache>/stages/<stage>/<key hex>/out/        the stage's output files
+    <kiln cache>/stages/<stage>/<key hex>/stage.json  key material, result, file list, output digest
+
+The key covers the stage's params, its input digests, its toolchain lock and the digest of the stage's code,
+so any change that could change the output misses. Entries are written to a staging directory and renamed
+into place, so an interrupted stage never leaves a half entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from artifacts.digest import sha256_bytes
+from artifacts.errors import ArtifactError
+from artifacts.manifest import FileEntry, canonical_json
+from artifacts.ops import scan_dir, verify_files
+
+log = logging.getLogger("kiln.build.cache")
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    stage: str
+    key: str
+    path: Path  # the output directory
+    files: tuple[FileEntry, ...]
+    output_digest: str
+    result: Mapping[str, Any]
+    packages: Mapping[str, str]
+    key_material: Mapping[str, Any]
+    cached: bool = False  # True when lookup() found it instead of the stage running
+
+
+def files_digest(files: tuple[FileEntry, ...] | list[FileEntry]) -> str:
+    """Digest of a directory's content: the canonical list of (path, size, sha256)."""
+    return sha256_bytes(canonical_json([[f.path, f.size, f.sha256] for f in sorted(files, key=lambda f: f.path)]))
+
+
+def code_digest(entry: str) -> str:
+    """Digest of the .py files in the entry module's package directory: stage code changes invalidate the cache."""
+    spec = importlib.util.find_spec(entry.partition(":")[0])
+    if spec is None or spec.origin is None:
+        raise ValueError(f"stage entry {entry!r} names no importable module")
+    h = hashlib.sha256()
+    for path in sorted(Path(spec.origin).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+class StageCache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def key_of(self, material: Mapping[str, Any]) -> str:
+        return sha256_bytes(canonical_json(dict(material)))
+
+    def entry_dir(self, stage: str, key: str) -> Path:
+        return self.root / stage / key.split(":")[1]
+
+    def lookup(self, stage: str, material: Mapping[str, Any]) -> StageRecord | None:
+        key = self.key_of(material)
+        entry = self.entry_dir(stage, key)
+        meta_path = entry / "stage.json"
+        if not meta_path.is_file():
+            return None
+        try:
+            record = self._load(stage, key, entry)
+            verify_files(record.path, record.files)
+        except (ArtifactError, OSError, ValueError, KeyError) as exc:
+            log.warning("%s: cache entry %s is damaged (%s); rebuilding it", stage, entry, exc)
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+        return replace(record, cached=True)
+
+    @contextmanager
+    def staging(self, stage: str) -> Iterator[Path]:
+        """An empty output directory next to the cache entries; removed unless committed."""
+        (self.root / stage).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root / stage, prefix=".staging-"))
+        try:
+            (tmp / "out").mkdir()
+            yield tmp / "out"
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def commit(
+        self,
+        stage: str,
+        material: Mapping[str, Any],
+        out: Path,
+        *,
+        result: Mapping[str, Any],
+        packages: Mapping[str, str],
+        seconds: float,
+    ) -> StageRecord:
+        key = self.key_of(material)
+        files = tuple(scan_dir(out))
+        meta = {
+            "stage": stage,
+            "key": key,
+            "key_material": dict(material),
+            "result": dict(result),
+            "packages": dict(packages),
+            "files": [[f.path, f.size, f.sha256] for f in files],
+            "output_digest": files_digest(files),
+            "seconds": round(seconds, 3),
+        }
+        (out.parent / "stage.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        entry = self.entry_dir(stage, key)
+        shutil.rmtree(entry, ignore_errors=True)  # only reached on a miss or with build.force
+        try:
+            out.parent.rename(entry)
+        except OSError:
+            if not (entry / "stage.json").is_file():  # not a concurrent build of the same stage
+                raise
+        return self._load(stage, key, entry)
+
+    def _load(self, stage: str, key: str, entry: Path) -> StageRecord:
+        meta = json.loads((entry / "stage.json").read_text())
+        files = tuple(FileEntry(path=p, size=s, sha256=d) for p, s, d in meta["files"])
+        if files_digest(files) != meta["output_digest"]:
+            raise ValueError("stage.json file list does not match its output digest")
+        return StageRecord(
+            stage=stage,
+            key=key,
+            path=entry / "out",
+            files=files,
+            output_digest=meta["output_digest"],
+            result=meta["result"],
+            packages=meta["packages"],
+            key_material=meta["key_material"],
+        )

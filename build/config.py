@@ -1,0 +1,219 @@
+"""Typed build configuration: dataclass schemas registered in Hydra's ConfigStore, validated once at the edge.
+
+The YAML files in ``conf/`` hold the values; these classes are the schema. :func:`validate` turns a composed
+``DictConfig`` into a frozen :class:`BuildConfig` and reports every problem at once, each named by the
+override key the user types (``model.dtype``, ``convert.max_shard_size`` …).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from build.errors import ConfigError
+
+DTYPES = ("bfloat16", "float16", "float32", "auto")
+SYNTH_SCHEME = "kiln:"
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+@dataclass
+class SynthConfig:
+    """Dimensions and training of a synthesized tiny Llama (``model=tiny`` / ``model=tiny_trained``)."""
+
+    seed: int = 0
+    vocab_size: int = 1024
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 2048
+    corpus_sentences: int = 6000
+    train_steps: int = 0
+    train_batch_size: int = 16
+    train_seq_len: int = 128
+    learning_rate: float = 3e-3
+    train_threads: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """Where the checkpoint comes from and what to call the artifact."""
+
+    name: str = MISSING
+    source: str = MISSING  # local HF dir | s3://bucket/prefix/ | hub id | kiln:tiny (synthesized)
+    revision: str | None = None
+    dtype: str = "bfloat16"
+    allow_pickle: bool = False
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class ConvertConfig:
+    max_shard_size: str = "2GB"
+    check_finite: bool = True
+
+
+@dataclass
+class PublishConfig:
+    store: str = "local"
+    uri: str | None = None  # None: $KILN_STORE or the per-user local store
+    tags: list[str] = field(default_factory=lambda: ["latest"])
+
+
+@dataclass
+class TargetConfig:
+    """Engine the artifact is for and the limits recorded in its target block."""
+
+    engine: str = "vllm"
+    tensor_parallel_degree: int = 1
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+
+
+@dataclass
+class ServingConfig:
+    """Serving defaults written into the manifest (lowest precedence at serve time)."""
+
+    max_num_seqs: int = 32
+    enforce_eager: bool = False
+
+
+@dataclass
+class BuildConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    # Typed per option (the registry names each option's schema), so the field itself is Any.
+    quantize: Any = MISSING
+    compile: Any = MISSING
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    force: bool = False
+    debug: bool = False
+
+
+def register_configs() -> None:
+    """Register the schemas as ``base_<group>`` so each YAML option can declare ``defaults: [base_…]``."""
+    from hydra.core.config_store import ConfigStore
+
+    from compile.registry import COMPILERS
+    from quantize.registry import QUANTIZERS
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_build", node=BuildConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    for name, qspec in QUANTIZERS.items():
+        cs.store(group="quantize", name=f"base_{name}", node=qspec.config_cls)
+    for name, cspec in COMPILERS.items():
+        cs.store(group="compile", name=f"base_{name}", node=cspec.config_cls)
+    cs.store(group="publish", name="base_publish", node=PublishConfig)
+
+
+def parse_size(text: str) -> int:
+    """``"2GB"`` → 2_000_000_000, ``"512MiB"`` → 536_870_912. Raises ValueError."""
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"cannot parse size {text!r} (e.g. 2GB, 500MB, 512MiB)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+
+
+def validate(cfg: DictConfig | BuildConfig) -> BuildConfig:
+    """Build the typed config and check cross-field rules; raise ConfigError listing every problem."""
+    if isinstance(cfg, DictConfig):
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(
+                [(k, "is required (set it on the command line, e.g. model.source=/path)") for k in missing]
+            )
+        typed = OmegaConf.to_object(cfg)
+        assert isinstance(typed, BuildConfig)
+    else:
+        typed = cfg
+    problems = list(_problems(typed))
+    if problems:
+        raise ConfigError(problems)
+    return typed
+
+
+def _problems(cfg: BuildConfig) -> list[tuple[str, str]]:
+    from artifacts.manifest import NAME_RE
+    from compile.registry import COMPILERS
+    from quantize.registry import QUANTIZERS
+
+    out: list[tuple[str, str]] = []
+    if not NAME_RE.match(cfg.model.name):
+        out.append(
+            (
+                "model.name",
+                f"{cfg.model.name!r} is not a valid artifact name (lowercase letters, digits, '.', '_', '-')",
+            )
+        )
+    if cfg.model.dtype not in DTYPES:
+        out.append(("model.dtype", f"{cfg.model.dtype!r} is not one of {list(DTYPES)}"))
+    try:
+        parse_size(cfg.convert.max_shard_size)
+    except ValueError as exc:
+        out.append(("convert.max_shard_size", str(exc)))
+    if cfg.quantize.method not in QUANTIZERS:
+        out.append(("quantize", f"unknown method {cfg.quantize.method!r}; known: {sorted(QUANTIZERS)}"))
+    if cfg.compile.backend not in COMPILERS:
+        out.append(("compile", f"unknown backend {cfg.compile.backend!r}; known: {sorted(COMPILERS)}"))
+    if cfg.target.tensor_parallel_degree < 1:
+        out.append(("target.tensor_parallel_degree", "must be >= 1"))
+    if cfg.target.max_model_len is not None and cfg.target.max_model_len < 1:
+        out.append(("target.max_model_len", "must be >= 1"))
+    if cfg.serving.max_num_seqs < 1:
+        out.append(("serving.max_num_seqs", "must be >= 1"))
+    out.extend(_synth_problems(cfg.model))
+    return out
+
+
+def _synth_problems(model: ModelConfig) -> list[tuple[str, str]]:
+    if not model.source.startswith(SYNTH_SCHEME):
+        return []
+    s = model.synth
+    out = []
+    if model.source != "kiln:tiny":
+        out.append(("model.source", f"{model.source!r}: the only synthesized source is 'kiln:tiny'"))
+    if s.hidden_size % s.num_attention_heads:
+        out.append(
+            (
+                "model.synth.hidden_size",
+                f"{s.hidden_size} is not divisible by num_attention_heads={s.num_attention_heads}",
+            )
+        )
+    if s.num_attention_heads % s.num_key_value_heads:
+        out.append(
+            (
+                "model.synth.num_key_value_heads",
+                f"{s.num_key_value_heads} does not divide num_attention_heads={s.num_attention_heads}",
+            )
+        )
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "max_position_embeddings"):
+        if getattr(s, key) < 1:
+            out.append((f"model.synth.{key}", "must be >= 1"))
+    if s.vocab_size < 512:
+        out.append(("model.synth.vocab_size", "must be >= 512 (the byte-level alphabet and special tokens need room)"))
+    if s.train_steps < 0:
+        out.append(("model.synth.train_steps", "must be >= 0"))
+    return out
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass config as plain JSON-able data (for provenance and cache keys)."""
+    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)

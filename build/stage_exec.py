@@ -1,0 +1,53 @@
+"""Runs one stage's work inside a toolchain interpreter: ``python -m build.stage_exec REQUEST RESPONSE``.
+
+This module is what the orchestrator starts in another environment, so it imports only the standard library,
+``build.errors`` and the stage's own entry module (never Hydra).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from build.errors import BuildError
+from build.toolchains import installed_versions
+
+StageFn = Callable[[Mapping[str, Any], Mapping[str, Path], Path], Mapping[str, Any]]
+
+
+def load_entry(entry: str) -> StageFn:
+    """``"package.module:function"`` → the function."""
+    module, _, fn = entry.partition(":")
+    fn_obj: StageFn = getattr(importlib.import_module(module), fn)
+    return fn_obj
+
+
+def call_entry(entry: str, params: Mapping[str, Any], inputs: Mapping[str, str | Path], out: Path) -> dict[str, Any]:
+    return dict(load_entry(entry)(params, {k: Path(v) for k, v in inputs.items()}, out))
+
+
+def main(request_path: str, response_path: str) -> int:
+    req = json.loads(Path(request_path).read_text())
+    logging.basicConfig(
+        level=req.get("log_level", "WARNING"), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+    resp: dict[str, Any] = {"packages": installed_versions(req["packages"])}
+    try:
+        resp["result"] = call_entry(req["entry"], req["params"], req["inputs"], Path(req["out"]))
+        resp["ok"] = True
+    except BuildError as exc:
+        resp |= {"ok": False, "error": {"stage": exc.stage, "message": exc.message, "key": exc.key, "fix": exc.fix}}
+    except Exception:
+        resp |= {"ok": False, "traceback": traceback.format_exc()}
+    Path(response_path).write_text(json.dumps(resp))
+    return 0 if resp["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))

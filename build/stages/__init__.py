@@ -1,0 +1,124 @@
+"""Stage execution: run a stage's entry function in its toolchain, cached by the digest of its inputs.
+
+A stage's work is a plain function ``run(params, inputs, out) -> result`` (JSON-able params and result,
+input directories, an empty output directory). :func:`run_stage` resolves the toolchain, looks the stage up
+in the cache, and otherwise runs it in-process or in the toolchain's interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from build import toolchains
+from build.cache import StageCache, StageRecord, code_digest
+from build.errors import BuildError
+from build.stage_exec import call_entry
+
+log = logging.getLogger("kiln.build.stages")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class StageInput:
+    path: Path
+    digest: str
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str  # "synth", "convert", "quantize", "compile"
+    toolchain: str
+    entry: str  # "module:function"
+
+
+def run_stage(
+    spec: StageSpec,
+    params: Mapping[str, Any],
+    inputs: Mapping[str, StageInput],
+    cache: StageCache,
+    *,
+    force: bool = False,
+) -> StageRecord:
+    """Return the cached output of (spec, params, inputs, toolchain, code) or compute and cache it."""
+    tc = toolchains.get(spec.toolchain)
+    key_material = {
+        "stage": spec.name,
+        "entry": spec.entry,
+        "params": dict(params),
+        "inputs": {k: v.digest for k, v in sorted(inputs.items())},
+        "toolchain": {"name": tc.name, "lock": tc.lock_digest},
+        "code": code_digest(spec.entry),
+    }
+    if not force and (hit := cache.lookup(spec.name, key_material)):
+        log.info("%s: cache hit (%s)", spec.name, hit.output_digest)
+        return hit
+    interp = toolchains.resolve(tc)
+    log.info("%s: running in toolchain %s (%s)", spec.name, tc.name, interp.origin)
+    with cache.staging(spec.name) as out:
+        start = time.monotonic()
+        result, packages = _execute(spec, interp, tc, params, inputs, out)
+        return cache.commit(
+            spec.name, key_material, out, result=result, packages=packages, seconds=time.monotonic() - start
+        )
+
+
+def _execute(
+    spec: StageSpec,
+    interp: toolchains.Interpreter,
+    tc: toolchains.Toolchain,
+    params: Mapping[str, Any],
+    inputs: Mapping[str, StageInput],
+    out: Path,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    if interp.in_process:
+        return call_entry(
+            spec.entry, params, {k: v.path for k, v in inputs.items()}, out
+        ), toolchains.installed_versions(tc.pins)
+    with tempfile.TemporaryDirectory(prefix="kiln-stage-") as tmp:
+        req, resp = Path(tmp) / "request.json", Path(tmp) / "response.json"
+        req.write_text(
+            json.dumps(
+                {
+                    "entry": spec.entry,
+                    "params": dict(params),
+                    "out": str(out),
+                    "packages": list(tc.pins),
+                    "inputs": {k: str(v.path) for k, v in inputs.items()},
+                    "log_level": logging.getLevelName(logging.getLogger("kiln").getEffectiveLevel()),
+                }
+            )
+        )
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        proc = subprocess.run([interp.python, "-m", "build.stage_exec", str(req), str(resp)], env=env, cwd=REPO_ROOT)
+        if not resp.exists():
+            raise BuildError(
+                spec.name,
+                f"the {tc.name} toolchain process exited with code {proc.returncode} without a result",
+                fix=f"check the interpreter in {interp.origin}: {interp.python}",
+            )
+        data = json.loads(resp.read_text())
+    if data["ok"]:
+        return data["result"], data["packages"]
+    if "error" in data:
+        e = data["error"]
+        raise BuildError(e["stage"], e["message"], key=e["key"], fix=e["fix"])
+    raise StageCrashError(spec.name, data["traceback"])
+
+
+class StageCrashError(Exception):
+    """An unexpected exception inside a stage's toolchain process; carries the remote traceback."""
+
+    def __init__(self, stage: str, remote_traceback: str) -> None:
+        self.stage = stage
+        self.remote_traceback = remote_traceback
+        last = remote_traceback.strip().splitlines()[-1] if remote_traceback.strip() else "unknown error"
+        super().__init__(f"[{stage}] crashed: {last}")

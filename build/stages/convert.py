@@ -1,0 +1,335 @@
+"""The convert stage: validate a Hugging Face checkpoint and rewrite it as clean safetensors shards.
+
+Checks, before writing anything: a supported architecture, every expected tensor present with the shape the
+config implies, no unexpected tensors, no NaN/Inf (optional). Then casts to the requested dtype, writes
+shards no larger than ``max_shard_size`` with an index, and carries the tokenizer, chat template and
+generation config. Pickle ``.bin`` weights are refused unless explicitly allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from build.errors import BuildError
+
+log = logging.getLogger("kiln.build.convert")
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+CARRIED_FILES = (*TOKENIZER_FILES, "generation_config.json")
+IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed at load
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+MAX_LISTED = 10
+
+
+@dataclass(frozen=True)
+class ConvertParams:
+    dtype: str
+    max_shard_size: int
+    check_finite: bool
+    allow_pickle: bool
+
+
+def run(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path) -> dict[str, Any]:
+    """Stage entry (JSON in, JSON out) used by the toolchain runner."""
+    return convert(ConvertParams(**params), inputs["source"], out)
+
+
+def convert(p: ConvertParams, src: Path, out: Path) -> dict[str, Any]:
+    config = _read_config(src)
+    arch = _check_architecture(config)
+    reader = _open_weights(src, p.allow_pickle)
+    shapes = reader.shapes()
+    expected, optional = _expected_shapes(src)
+    _check_tensors(shapes, expected, optional)
+    dtype = _resolve_dtype(p.dtype, config, reader)
+    _check_tokenizer(src)
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(n for n in shapes if n in expected)
+    shards = _plan_shards(names, shapes, DTYPE_BYTES[dtype], p.max_shard_size)
+    _write_shards(reader, shards, dtype, p.check_finite, out)
+    _write_config(config, dtype, out)
+    for name in CARRIED_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    n_params = sum(_numel(shapes[n]) for n in names)
+    log.info("converted %s: %d tensors, %d parameters, %s, %d shard(s)", arch, len(names), n_params, dtype, len(shards))
+    return {
+        "architecture": arch,
+        "num_parameters": n_params,
+        "dtype": dtype,
+        "shards": len(shards),
+        "max_position_embeddings": int(config.get("max_position_embeddings") or 0),
+    }
+
+
+def _read_config(src: Path) -> dict[str, Any]:
+    path = src / "config.json"
+    if not path.is_file():
+        raise BuildError(
+            "convert",
+            f"{src} has no config.json; it is not a Hugging Face checkpoint",
+            key="model.source",
+            fix="point model.source at a directory holding config.json and weights",
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BuildError("convert", f"{path} is not valid JSON: {exc}", key="model.source") from exc
+    if not isinstance(data, dict):
+        raise BuildError("convert", f"{path} must hold a JSON object", key="model.source")
+    return data
+
+
+def _check_architecture(config: Mapping[str, Any]) -> str:
+    if "quantization_config" in config:
+        raise BuildError(
+            "convert",
+            "the checkpoint is already quantized (config.json has quantization_config)",
+            key="model.source",
+            fix="start from the unquantized checkpoint and use quantize=<method>",
+        )
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise BuildError(
+            "convert",
+            f"architecture {arch!r} is not supported",
+            key="model.source",
+            fix=f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}",
+        )
+    return str(arch)
+
+
+def _check_tokenizer(src: Path) -> None:
+    if not any((src / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise BuildError(
+            "convert",
+            f"{src} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)",
+            key="model.source",
+            fix="save the tokenizer beside the weights (tokenizer.save_pretrained(dir))",
+        )
+
+
+class _Weights:
+    """Lazy access to a checkpoint's tensors by name, from safetensors or (if allowed) pickle files."""
+
+    def __init__(self, files: dict[str, Path], pickle: bool) -> None:
+        self.files = files  # tensor name -> file
+        self.pickle = pickle
+        self._cache: dict[Path, Any] = {}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        out: dict[str, tuple[int, ...]] = {}
+        for name, path in self.files.items():
+            out[name] = tuple(self._get(path, name, shape_only=True))
+        return out
+
+    def dtypes(self) -> set[str]:
+        return {
+            str(self._get(p, n, shape_only=False).dtype).removeprefix("torch.") for n, p in list(self.files.items())[:8]
+        }
+
+    def tensor(self, name: str) -> Any:
+        return self._get(self.files[name], name, shape_only=False)
+
+    def _get(self, path: Path, name: str, *, shape_only: bool) -> Any:
+        if self.pickle:
+            import torch
+
+            if path not in self._cache:
+                self._cache = {path: torch.load(path, map_location="cpu", weights_only=True)}
+            t = self._cache[path][name]
+            return t.shape if shape_only else t
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_slice(name).get_shape() if shape_only else f.get_tensor(name)
+
+
+def _open_weights(src: Path, allow_pickle: bool) -> _Weights:
+    st = sorted(src.glob("*.safetensors"))
+    if st:
+        return _Weights(_index(src, "model.safetensors.index.json", st, _safetensors_names), pickle=False)
+    bins = sorted(src.glob("pytorch_model*.bin"))
+    if bins and not allow_pickle:
+        raise BuildError(
+            "convert",
+            f"{src} holds only pickle weights ({bins[0].name}); pickle can run arbitrary code",
+            key="model.allow_pickle",
+            fix="convert them to safetensors, or set model.allow_pickle=true if you trust the source",
+        )
+    if bins:
+        return _Weights(_index(src, "pytorch_model.bin.index.json", bins, _pickle_names), pickle=True)
+    raise BuildError("convert", f"{src} has no weights (*.safetensors or pytorch_model*.bin)", key="model.source")
+
+
+def _index(src: Path, index_name: str, files: list[Path], names_of: Any) -> dict[str, Path]:
+    index = src / index_name
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        missing = sorted({f for f in weight_map.values() if not (src / f).is_file()})
+        if missing:
+            raise BuildError(
+                "convert",
+                f"{index_name} names missing shard(s): {', '.join(missing[:MAX_LISTED])}",
+                key="model.source",
+                fix="copy the complete checkpoint",
+            )
+        return {name: src / f for name, f in weight_map.items()}
+    out: dict[str, Path] = {}
+    for path in files:
+        for name in names_of(path):
+            out[name] = path
+    return out
+
+
+def _safetensors_names(path: Path) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as exc:
+        raise BuildError(
+            "convert",
+            f"{path.name} is not a readable safetensors file: {exc}",
+            key="model.source",
+            fix="re-download or re-save the checkpoint",
+        ) from exc
+
+
+def _pickle_names(path: Path) -> list[str]:
+    import torch
+
+    return list(torch.load(path, map_location="cpu", weights_only=True).keys())
+
+
+def _expected_shapes(src: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """Tensor names and shapes implied by the config, from the transformers model built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(src), trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BuildError("convert", f"config.json cannot build a model: {exc}", key="model.source") from exc
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    optional = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    return expected, optional
+
+
+def _check_tensors(
+    actual: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], optional: set[str]
+) -> None:
+    missing = sorted(set(expected) - set(actual) - optional)
+    unexpected = sorted(n for n in set(actual) - set(expected) if not n.endswith(IGNORED_TENSOR_SUFFIXES))
+    wrong = sorted(
+        f"{n}: checkpoint {list(actual[n])}, config implies {list(expected[n])}"
+        for n in set(actual) & set(expected)
+        if tuple(actual[n]) != tuple(expected[n])
+    )
+    problems = [f"missing tensors ({len(missing)}): {_first(missing)}"] if missing else []
+    problems += [f"unexpected tensors ({len(unexpected)}): {_first(unexpected)}"] if unexpected else []
+    problems += [f"shape mismatches ({len(wrong)}):\n    " + "\n    ".join(wrong[:MAX_LISTED])] if wrong else []
+    if problems:
+        raise BuildError(
+            "convert",
+            "checkpoint does not match its config.json:\n  " + "\n  ".join(problems),
+            key="model.source",
+            fix="use the config.json saved with these weights, or re-export the checkpoint",
+        )
+
+
+def _first(names: list[str]) -> str:
+    more = f" … and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    return ", ".join(names[:MAX_LISTED]) + more
+
+
+def _resolve_dtype(requested: str, config: Mapping[str, Any], reader: _Weights) -> str:
+    if requested != "auto":
+        return requested
+    declared = str(config.get("torch_dtype") or config.get("dtype") or "")
+    if declared in DTYPE_BYTES:
+        return declared
+    found = reader.dtypes() & set(DTYPE_BYTES)
+    return sorted(found)[0] if len(found) == 1 else "bfloat16"
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _plan_shards(names: list[str], shapes: Mapping[str, tuple[int, ...]], width: int, limit: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = _numel(shapes[name]) * width
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _shard_names(count: int) -> Iterator[str]:
+    if count == 1:
+        yield "model.safetensors"
+        return
+    for i in range(count):
+        yield f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+
+
+def _write_shards(reader: _Weights, shards: list[list[str]], dtype: str, check_finite: bool, out: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    target = getattr(torch, dtype)
+    weight_map, total = {}, 0
+    for names, fname in zip(shards, _shard_names(len(shards)), strict=True):
+        tensors = {}
+        for name in names:
+            t = reader.tensor(name)
+            if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise BuildError(
+                    "convert",
+                    f"tensor {name} contains NaN or Inf",
+                    key="model.source",
+                    fix="the checkpoint is damaged; re-export it (or set convert.check_finite=false to skip the check)",
+                )
+            tensors[name] = t.to(target).contiguous() if t.is_floating_point() else t.contiguous()
+            total += tensors[name].numel() * tensors[name].element_size()
+            weight_map[name] = fname
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _write_config(config: Mapping[str, Any], dtype: str, out: Path) -> None:
+    data = dict(config)
+    data["torch_dtype"] = dtype
+    data.pop("dtype", None)
+    (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,178 @@
+"""Toolchains: the environments stage work runs in, because stage libraries cannot share one environment.
+
+Each toolchain is a pinned requirements file beside this module (``<name>.txt``). A stage declares the
+toolchain it needs; :func:`resolve` finds an interpreter for it, in this order:
+
+1. ``KILN_TOOLCHAIN_<NAME>`` (e.g. ``KILN_TOOLCHAIN_VLLM_CPU=/opt/venv/bin/python``): a container image or a
+   cluster node provides the environment.
+2. The current interpreter, when it already satisfies every pin: the stage runs in-process.
+3. A project-managed virtual environment under ``<kiln cache>/toolchains/<name>-<lock digest>``, created on
+   first use with pip (which finds the CPU torch wheel on this machine's disk).
+
+Adding a toolchain is adding ``<name>.txt`` here.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from artifacts.paths import cache_root
+from build.errors import BuildError
+
+log = logging.getLogger("kiln.build.toolchains")
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    name: str
+    requirements: Path
+
+    @property
+    def pins(self) -> dict[str, str]:
+        """Package name (normalized) → exact pinned version."""
+        pins = {}
+        for line in self.requirements.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                name, sep, version = line.partition("==")
+                if not sep:
+                    raise ValueError(f"{self.requirements}: {line!r} is not pinned with ==")
+                pins[_norm(name)] = version.strip()
+        return pins
+
+    @property
+    def post_uninstall(self) -> list[str]:
+        """Packages to remove after install (``# kiln: uninstall a b``): dependencies that break the env."""
+        out: list[str] = []
+        for line in self.requirements.read_text().splitlines():
+            if line.startswith("# kiln: uninstall "):
+                out += line.removeprefix("# kiln: uninstall ").split()
+        return out
+
+    @property
+    def lock_digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.requirements.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    python: str
+    in_process: bool
+    origin: str
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().replace("_", "-").replace(".", "-")
+
+
+TOOLCHAINS: dict[str, Toolchain] = {p.stem: Toolchain(p.stem, p) for p in sorted(HERE.glob("*.txt"))}
+
+
+def get(name: str) -> Toolchain:
+    try:
+        return TOOLCHAINS[name]
+    except KeyError:
+        raise BuildError("toolchain", f"unknown toolchain {name!r}; known: {sorted(TOOLCHAINS)}") from None
+
+
+def env_var(name: str) -> str:
+    return "KILN_TOOLCHAIN_" + name.upper().replace("-", "_")
+
+
+def mismatches(tc: Toolchain) -> list[str]:
+    """Pins the current environment does not satisfy (empty: it satisfies them all)."""
+    out = []
+    for pkg, version in tc.pins.items():
+        try:
+            have = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out.append(f"{pkg} (missing)")
+            continue
+        if have != version:
+            out.append(f"{pkg} {have} (needs {version})")
+    return out
+
+
+def installed_versions(packages: Iterable[str]) -> dict[str, str]:
+    """Versions of ``packages`` (and of Python) in this interpreter, for provenance."""
+    versions = {}
+    for pkg in packages:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "missing"
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def resolve(tc: Toolchain) -> Interpreter:
+    if python := os.environ.get(env_var(tc.name)):
+        return Interpreter(python=python, in_process=False, origin=env_var(tc.name))
+    if not mismatches(tc):
+        return Interpreter(python=sys.executable, in_process=True, origin="current")
+    return Interpreter(python=str(ensure_managed(tc)), in_process=False, origin="managed")
+
+
+def managed_dir(tc: Toolchain) -> Path:
+    return cache_root() / "toolchains" / f"{tc.name}-{tc.lock_digest.split(':')[1][:12]}"
+
+
+def ensure_managed(tc: Toolchain) -> Path:
+    """Create (once, under a lock) the toolchain's virtual environment; return its python."""
+    venv = managed_dir(tc)
+    python = venv / "bin" / "python"
+    done = venv / ".kiln-complete"
+    if done.exists():
+        return python
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            return python
+        shutil.rmtree(venv, ignore_errors=True)
+        print(
+            f"kiln: creating toolchain environment {tc.name!r} in {venv} (first use; this can take minutes)",
+            file=sys.stderr,
+        )
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            subprocess.run(
+                [
+                    str(python),
+                    "-m",
+                    "pip",
+                    "install",
+                    "--progress-bar",
+                    "on" if sys.stderr.isatty() else "off",
+                    "-r",
+                    str(tc.requirements),
+                ],
+                check=True,
+                stdout=sys.stderr,
+            )
+            if tc.post_uninstall:
+                subprocess.run(
+                    [str(python), "-m", "pip", "uninstall", "-y", *tc.post_uninstall], check=True, stdout=sys.stderr
+                )
+        except subprocess.CalledProcessError as exc:
+            shutil.rmtree(venv, ignore_errors=True)
+            raise BuildError(
+                "toolchain",
+                f"creating the {tc.name!r} environment failed ({exc})",
+                fix=f"check network access to the package index, or set {env_var(tc.name)} to a python "
+                f"that has {tc.requirements.name}'s packages",
+            ) from exc
+        done.touch()
+    return python

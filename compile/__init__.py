@@ -1,0 +1,1 @@
+"""kiln compile: one module per ahead-of-time target, a registry, target-block construction."""

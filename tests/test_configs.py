@@ -1,0 +1,92 @@
+"""Every shipped config composes and validates; registries and conf/ groups stay in sync; config errors name keys."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from build.config import BuildConfig, register_configs, validate
+from build.errors import ConfigError
+from compile.registry import COMPILERS
+from quantize.registry import QUANTIZERS
+
+pytestmark = pytest.mark.unit
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.fixture
+def hydra() -> Iterator[None]:
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_registries_match_conf_groups() -> None:
+    from artifacts.store import STORES
+
+    assert sorted(QUANTIZERS) == options("quantize")
+    assert sorted(COMPILERS) == options("compile")
+    assert sorted(STORES) == options("publish")
+
+
+@pytest.mark.parametrize(
+    ("group", "option"), [(g, o) for g in ("model", "quantize", "compile", "publish") for o in options(g)]
+)
+def test_every_option_composes_and_validates(hydra: None, group: str, option: str) -> None:
+    overrides = [f"{group}={option}"]
+    if group == "model" and option == "hf":
+        overrides += ["model.source=/some/dir", "model.name=some-model"]
+    cfg = compose(config_name="build", overrides=overrides)
+    typed = validate(cfg)
+    assert isinstance(typed, BuildConfig)
+
+
+def test_defaults(hydra: None) -> None:
+    typed = validate(compose(config_name="build"))
+    assert (typed.model.source, typed.quantize.method, typed.compile.backend, typed.publish.store) == (
+        "kiln:tiny",
+        "none",
+        "none",
+        "local",
+    )
+
+
+def test_missing_required_key_named(hydra: None) -> None:
+    cfg = compose(config_name="build", overrides=["model=hf"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert "model.name" in str(err.value)
+    assert "model.source" in str(err.value)
+
+
+def test_all_problems_reported_at_once(hydra: None) -> None:
+    cfg: DictConfig = compose(
+        config_name="build",
+        overrides=[
+            "model.dtype=int3",
+            "convert.max_shard_size=lots",
+            "model.synth.num_key_value_heads=3",
+            "target.tensor_parallel_degree=0",
+        ],
+    )
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    text = str(err.value)
+    for key in (
+        "model.dtype",
+        "convert.max_shard_size",
+        "model.synth.num_key_value_heads",
+        "target.tensor_parallel_degree",
+    ):
+        assert key in text

@@ -1,0 +1,100 @@
+"""Runtime pieces that need no engine: import isolation, target checks, artifact resolution and verification."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from artifacts.errors import ArtifactError, VerificationError
+from artifacts.manifest import Target
+from runtime.host import Host, TargetMismatchError, check_target
+from runtime.resolve import resolve
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.unit
+
+
+def test_runtime_never_imports_the_build_side() -> None:
+    code = (
+        "import sys, runtime, runtime.__main__, runtime.server, runtime.service, runtime.app, runtime.resolve;"
+        "import runtime.engines.vllm;"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('build', 'quantize', 'compile', 'hydra', 'omegaconf')];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def target(**kw: object) -> Target:
+    base = {
+        "engine": "vllm",
+        "engine_version": "",
+        "devices": ("cpu", "cuda"),
+        "dtype": "bfloat16",
+        "tensor_parallel_degree": 1,
+        "max_model_len": 128,
+    }
+    return Target(**{**base, **kw})  # type: ignore[arg-type]
+
+
+CPU_HOST = Host(devices=("cpu",), gpu_count=0, numa_nodes=1)
+GPU_HOST = Host(devices=("cuda", "cpu"), gpu_count=2, numa_nodes=1)
+
+
+def test_target_picks_best_device() -> None:
+    assert check_target(target(), CPU_HOST) == "cpu"
+    assert check_target(target(), GPU_HOST) == "cuda"
+
+
+@pytest.mark.parametrize(
+    ("kw", "host", "field"),
+    [
+        ({"devices": ("cuda",)}, CPU_HOST, "devices"),
+        ({"engine": "tensorrt_llm"}, GPU_HOST, "engine"),
+        ({"engine_version": ">=99"}, CPU_HOST, "engine_version"),
+        ({"tensor_parallel_degree": 4}, GPU_HOST, "tensor_parallel_degree"),
+        ({"unknown": {"gpu_arch": "sm_90"}}, GPU_HOST, "gpu_arch"),
+        ({"compile": {"torch": "2.13.0"}}, CPU_HOST, "compile.torch"),
+    ],
+)
+def test_target_mismatch_names_the_field(kw: dict[str, object], host: Host, field: str) -> None:
+    with pytest.raises(TargetMismatchError) as err:
+        check_target(target(**kw), host)
+    assert err.value.field == field
+    assert str(err.value).startswith(f"target.{field}:")
+
+
+def test_resolve_tampered_directory_names_the_file(tiny_uri: str, tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    d = tmp_path / "art"
+    assert run_cli("artifacts", "pull", tiny_uri, str(d)).returncode == 0
+    assert resolve(str(d)).manifest is not None
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(VerificationError, match="config.json"):
+        resolve(str(d))
+
+
+def test_resolve_reuses_and_repairs_the_pull_cache(tiny_uri: str, kiln_env: Path) -> None:
+    first = resolve(tiny_uri)
+    assert first.path.is_relative_to(kiln_env / "pulled")
+    (first.path / "tokenizer.json").write_text("{}")  # damage the cache entry
+    again = resolve(tiny_uri)
+    assert again.path == first.path
+    assert (again.path / "tokenizer.json").stat().st_size > 100  # re-fetched, not served damaged
+
+
+def test_plain_hf_directory_is_accepted_without_manifest(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    model = resolve(str(tmp_path))
+    assert model.manifest is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ArtifactError, match="neither manifest.json nor"):
+        resolve(str(empty))
