@@ -21,10 +21,12 @@ from artifacts.paths import cache_root, default_store_uri
 from artifacts.store import SCHEME_TO_STORE, STORES
 from artifacts.uri import ArtifactRef, normalize_store_uri, scheme_of
 from build.cache import StageCache, StageRecord
-from build.config import BuildConfig, parse_size
+from build.config import BuildConfig, parse_size, to_plain
 from build.errors import BuildError
 from build.source import Source, acquire
-from build.stages import StageSpec, run_stage
+from build.stages import StageInput, StageSpec, run_stage
+from compile.registry import COMPILERS
+from quantize.registry import QUANTIZERS
 
 log = logging.getLogger("kiln.build")
 CONVERT = StageSpec(name="convert", toolchain="build", entry="build.stages.convert:run")
@@ -56,10 +58,30 @@ def run_build(cfg: BuildConfig) -> BuildResult:
     }
     final = run_stage(CONVERT, convert_params, {"source": source.input}, cache, force=cfg.force)
     stages.append(final)
+    for spec, params in _optional_stages(cfg):
+        final = run_stage(spec, params, {"model": StageInput(final.path, final.output_digest)}, cache, force=cfg.force)
+        stages.append(final)
     manifest = assemble_manifest(cfg, source, final, stages)
     record = _build_record(source, stages, time.monotonic() - start)
     ref = ops.publish(final.path, manifest, store_uri, tags=cfg.publish.tags, record=record)
     return BuildResult(ref=ref, manifest=manifest, stages=tuple(stages), seconds=time.monotonic() - start)
+
+
+def _optional_stages(cfg: BuildConfig) -> list[tuple[StageSpec, dict[str, Any]]]:
+    """The quantize and compile stages the config asks for (``none`` asks for no work).
+
+    Both receive their own resolved config plus the target and serving settings, because what they produce
+    depends on them (the quantized format follows the engine; a compile cache is keyed by engine settings).
+    """
+    context = {"target": asdict(cfg.target), "serving": asdict(cfg.serving), "dtype": cfg.model.dtype}
+    out = []
+    q = QUANTIZERS[cfg.quantize.method]
+    if q.entry and q.toolchain:
+        out.append((StageSpec("quantize", q.toolchain, q.entry), {"config": to_plain(cfg.quantize), **context}))
+    c = COMPILERS[cfg.compile.backend]
+    if c.entry and c.toolchain:
+        out.append((StageSpec("compile", c.toolchain, c.entry), {"config": to_plain(cfg.compile), **context}))
+    return out
 
 
 def _store_uri(cfg: BuildConfig) -> str:
@@ -75,7 +97,7 @@ def assemble_manifest(cfg: BuildConfig, source: Source, final: StageRecord, stag
     return Manifest.create(
         name=cfg.model.name,
         files=final.files,
-        target=build_target(cfg, final),
+        target=build_target(cfg, stages),
         serving=asdict(cfg.serving),
         provenance={
             "kiln_version": kiln_version,
@@ -85,11 +107,17 @@ def assemble_manifest(cfg: BuildConfig, source: Source, final: StageRecord, stag
     )
 
 
-def build_target(cfg: BuildConfig, final: StageRecord) -> Target:
+def build_target(cfg: BuildConfig, stages: list[StageRecord]) -> Target:
+    """The target block: the engine's device kinds, narrowed by what each stage reports in ``result["target"]``.
+
+    A stage may report ``devices`` (the kinds that can run its output), ``engine_version`` (a specifier),
+    ``quantization`` and ``compile`` (the compatibility key of precompiled content); later stages win.
+    """
     engine = cfg.target.engine
     if engine not in ENGINE_DEVICES:
         raise BuildError("publish", f"unknown engine {engine!r}; known: {sorted(ENGINE_DEVICES)}", key="target.engine")
-    max_pos = int(final.result.get("max_position_embeddings") or 0)
+    converted = next(s for s in stages if s.stage == "convert")
+    max_pos = int(converted.result.get("max_position_embeddings") or 0)
     max_len = cfg.target.max_model_len or max_pos
     if max_pos and max_len > max_pos:
         raise BuildError(
@@ -98,14 +126,22 @@ def build_target(cfg: BuildConfig, final: StageRecord) -> Target:
             key="target.max_model_len",
             fix=f"set target.max_model_len<={max_pos}",
         )
+    devices = list(ENGINE_DEVICES[engine])
+    fields: dict[str, Any] = {"engine_version": "", "quantization": cfg.quantize.method, "compile": {}}
+    for stage in stages:
+        reported = dict(stage.result.get("target") or {})
+        if "devices" in reported:
+            devices = [d for d in devices if d in reported.pop("devices")]
+        fields.update({k: v for k, v in reported.items() if k in fields})
+    if not devices:
+        raise BuildError("publish", f"no device can run this artifact on engine {engine}", key="target.engine")
     return Target(
         engine=engine,
-        engine_version="",
-        devices=ENGINE_DEVICES[engine],
-        dtype=str(final.result["dtype"]),
+        devices=tuple(devices),
+        dtype=str(converted.result["dtype"]),
         tensor_parallel_degree=cfg.target.tensor_parallel_degree,
         max_model_len=max_len,
-        quantization=cfg.quantize.method,
+        **fields,
     )
 
 

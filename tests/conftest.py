@@ -22,8 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session", autouse=True)
 def kiln_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Point every kiln cache and store at a temporary directory for the whole session."""
+    from build.toolchains import managed_root
+
     cache = tmp_path_factory.mktemp("kiln-cache")
-    saved = {k: os.environ.get(k) for k in ("KILN_CACHE", "KILN_STORE", "HF_HUB_OFFLINE", "KILN_LOG_FORMAT")}
+    keys = ("KILN_CACHE", "KILN_STORE", "HF_HUB_OFFLINE", "KILN_LOG_FORMAT", "KILN_TOOLCHAINS_DIR")
+    saved = {k: os.environ.get(k) for k in keys}
+    # Toolchain environments are gigabytes: tests share the user's, created once, instead of one per session.
+    os.environ.setdefault("KILN_TOOLCHAINS_DIR", str(managed_root()))
     os.environ.update(KILN_CACHE=str(cache), HF_HUB_OFFLINE="1", KILN_LOG_FORMAT="text")
     os.environ.pop("KILN_STORE", None)
     yield cache

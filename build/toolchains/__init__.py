@@ -6,7 +6,8 @@ toolchain it needs; :func:`resolve` finds an interpreter for it, in this order:
 1. ``KILN_TOOLCHAIN_<NAME>`` (e.g. ``KILN_TOOLCHAIN_VLLM_CPU=/opt/venv/bin/python``): a container image or a
    cluster node provides the environment.
 2. The current interpreter, when it already satisfies every pin: the stage runs in-process.
-3. A project-managed virtual environment under ``<kiln cache>/toolchains/<name>-<lock digest>``, created on
+3. A project-managed virtual environment under ``$KILN_TOOLCHAINS_DIR/<name>-<lock digest>`` (default
+   ``<kiln cache>/toolchains``), created on
    first use with pip (which finds the CPU torch wheel on this machine's disk).
 
 Adding a toolchain is adding ``<name>.txt`` here.
@@ -125,8 +126,14 @@ def resolve(tc: Toolchain) -> Interpreter:
     return Interpreter(python=str(ensure_managed(tc)), in_process=False, origin="managed")
 
 
+def managed_root() -> Path:
+    """``$KILN_TOOLCHAINS_DIR``, else ``<kiln cache>/toolchains`` (environments are large; tests share them)."""
+    env = os.environ.get("KILN_TOOLCHAINS_DIR")
+    return Path(env).expanduser().resolve() if env else cache_root() / "toolchains"
+
+
 def managed_dir(tc: Toolchain) -> Path:
-    return cache_root() / "toolchains" / f"{tc.name}-{tc.lock_digest.split(':')[1][:12]}"
+    return managed_root() / f"{tc.name}-{tc.lock_digest.split(':')[1][:12]}"
 
 
 def ensure_managed(tc: Toolchain) -> Path:
