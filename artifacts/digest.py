@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from artifacts.errors import VerificationError
 
 CHUNK = 4 * 1024 * 1024
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -42,3 +45,40 @@ def sha256_file(path: Path) -> tuple[str, int]:
     """Digest and size of a file, read once in large chunks (hashlib releases the GIL on them)."""
     with open(path, "rb") as f:
         return sha256_stream(f)
+
+
+def file_chunks(path: Path, chunk: int = CHUNK) -> Iterator[bytes]:
+    """The bytes of a file, read once, in large chunks."""
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            yield data
+
+
+def verify_stream(chunks: Iterable[bytes], digest: str, size: int, name: str) -> Iterator[bytes]:
+    """Pass ``chunks`` through, hashing them; raise VerificationError naming ``name`` if they are not the blob.
+
+    The digest is checked *before* the chunk that completes ``size`` bytes is handed on, so a consumer that
+    commits only after reading everything (a multipart upload, a rename) never commits wrong bytes.
+    """
+    h = hashlib.sha256()
+    seen = 0
+    checked = False
+    for chunk in chunks:
+        seen += len(chunk)
+        if seen > size:
+            raise VerificationError(f"{name} is corrupt: longer than the expected {size} bytes")
+        h.update(chunk)
+        if seen == size:
+            _check(h, digest, size, name)
+            checked = True
+        yield chunk
+    if seen < size:
+        raise VerificationError(f"{name} is corrupt: {seen} bytes, expected {size} (truncated)")
+    if not checked:  # an empty blob: no chunk completed it
+        _check(h, digest, size, name)
+
+
+def _check(h: Any, digest: str, size: int, name: str) -> None:
+    got = "sha256:" + h.hexdigest()
+    if got != digest:
+        raise VerificationError(f"{name} is corrupt: expected {digest} ({size} bytes), got {got} ({size} bytes)")

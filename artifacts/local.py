@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from artifacts.digest import CHUNK, hex_of, sha256_bytes, sha256_file
+from artifacts.digest import file_chunks, hex_of, sha256_bytes, sha256_file, verify_stream
 from artifacts.errors import NotFoundError, StoreError, VerificationError
 from artifacts.store import ArtifactInfo, ProgressFn
 from artifacts.uri import normalize_store_uri
@@ -53,6 +52,24 @@ class LocalStore:
             raise VerificationError(
                 f"blob {blob} is corrupt: expected {digest} ({size} bytes), found {got} ({got_size} bytes)"
             )
+
+    def read_blob(self, digest: str, size: int) -> Iterator[bytes]:
+        blob = self.blob_path(digest)
+        if not blob.is_file():
+            raise NotFoundError(f"blob {digest} is missing from store {self.uri}")
+        return verify_stream(file_chunks(blob), digest, size, name=f"{self.uri} blob {digest}")
+
+    def put_stream(self, digest: str, size: int, chunks: Iterable[bytes], progress: ProgressFn | None = None) -> None:
+        write_chunks(chunks, self.blob_path(digest), digest, size, progress, name=f"blob {digest} for {self.uri}")
+        self.blob_path(digest).chmod(0o444)
+
+    def preflight(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create store {self.uri}: {exc.strerror}") from exc
+        if not os.access(self.root, os.W_OK):
+            raise StoreError(f"store {self.uri} is not writable")
 
     # -- manifests, tags, records --------------------------------------------------------------------------
     def put_manifest(self, name: str, data: bytes) -> str:
@@ -119,21 +136,21 @@ def write_verified(src: Path, dest: Path, digest: str, size: int, progress: Prog
 
     On mismatch the temporary file is removed and VerificationError names ``name``.
     """
+    write_chunks(file_chunks(src), dest, digest, size, progress, name)
+
+
+def write_chunks(
+    chunks: Iterable[bytes], dest: Path, digest: str, size: int, progress: ProgressFn | None, name: str
+) -> None:
+    """Write a stream to ``dest`` through a temporary file, hashing while writing; rename only if it matches."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
     try:
-        h = hashlib.sha256()
-        written = 0
-        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-            while chunk := fin.read(CHUNK):
-                h.update(chunk)
+        with os.fdopen(fd, "wb") as fout:
+            for chunk in verify_stream(chunks, digest, size, name):
                 fout.write(chunk)
-                written += len(chunk)
                 if progress:
                     progress(len(chunk))
-        got = "sha256:" + h.hexdigest()
-        if got != digest or written != size:
-            raise VerificationError(f"{name} is corrupt: expected {digest} ({size} bytes), got {got} ({written} bytes)")
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

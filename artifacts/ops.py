@@ -6,13 +6,14 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from artifacts.digest import sha256_file
-from artifacts.errors import ManifestError, VerificationError
+from artifacts.errors import ArtifactError, ManifestError, VerificationError
 from artifacts.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
 from artifacts.progress import byte_progress
 from artifacts.store import Store, open_store
@@ -127,17 +128,16 @@ def publish(
 ) -> ArtifactRef:
     """Upload what the store lacks, then the manifest, then the tags. Safe to re-run after a failure."""
     store = open_store(store_uri)
-    missing = [e for e in _unique_blobs(manifest.files) if not store.has_blob(e.sha256)]
-    total = sum(e.size for e in missing)
-    log.info("publish %s: %d of %d blobs to upload (%d bytes)", manifest.name, len(missing), len(manifest.files), total)
-    with byte_progress(total, f"publish {manifest.name}") as advance, ThreadPoolExecutor(JOBS) as pool:
-        list(pool.map(lambda e: store.put_blob(e.sha256, directory / e.path, e.size, advance), missing))
-    digest = store.put_manifest(manifest.name, manifest.to_bytes())
-    if record:
-        store.put_record(manifest.name, digest, record)
-    for tag in tags:
-        store.set_tag(manifest.name, tag, digest)
-    return ArtifactRef(store=store.uri, name=manifest.name, digest=digest)
+    with ThreadPoolExecutor(JOBS) as pool:
+        missing = _missing_blobs(store, manifest, pool)
+        total = sum(e.size for e in missing)
+        log.info("publish %s: %d blobs to upload (%d bytes)", manifest.name, len(missing), total)
+        start = time.monotonic()
+        with byte_progress(total, f"publish {manifest.name}") as advance:
+            list(pool.map(lambda e: store.put_blob(e.sha256, directory / e.path, e.size, advance), missing))
+    ref = _finish(store, manifest, tags, record)
+    _log_rate("published", ref, total, start)
+    return ref
 
 
 def pull(ref: ArtifactRef, dest: Path) -> Manifest:
@@ -148,19 +148,24 @@ def pull(ref: ArtifactRef, dest: Path) -> Manifest:
         raise VerificationError(f"{dest} already exists; pull into a new directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".pull-{manifest.name}-"))
+    start = time.monotonic()
     try:
         with byte_progress(manifest.total_size, f"pull {manifest.name}") as advance, ThreadPoolExecutor(JOBS) as pool:
-            list(
-                pool.map(
-                    lambda e: store.fetch_blob(e.sha256, e.size, tmp / check_relpath(e.path), advance), manifest.files
-                )
-            )
+            list(pool.map(lambda e: _fetch(store, e, tmp, advance), manifest.files))
         (tmp / MANIFEST_NAME).write_bytes(manifest.to_bytes())
         os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _log_rate("pulled", ref, manifest.total_size, start)
     return manifest
+
+
+def _fetch(store: Store, entry: FileEntry, root: Path, advance: Callable[[int], None]) -> None:
+    try:
+        store.fetch_blob(entry.sha256, entry.size, root / check_relpath(entry.path), advance)
+    except ArtifactError as exc:
+        raise type(exc)(f"{entry.path}: {exc}") from None
 
 
 def verify_ref(ref: ArtifactRef) -> tuple[ArtifactRef, Manifest]:
@@ -173,11 +178,48 @@ def verify_ref(ref: ArtifactRef) -> tuple[ArtifactRef, Manifest]:
 
 
 def copy(ref: ArtifactRef, dest_store_uri: str, tags: Iterable[str] = ()) -> ArtifactRef:
-    """Copy an artifact between stores (through a verified local staging directory)."""
-    with tempfile.TemporaryDirectory(prefix="kiln-copy-") as tmp:
-        staged = Path(tmp) / "artifact"
-        manifest = pull(ref, staged)
-        return publish(staged, manifest, dest_store_uri, tags=tags)
+    """Copy an artifact between stores, streaming each missing blob from one to the other (no local staging).
+
+    Both ends verify: the source stream fails before its last bytes if they are wrong, and the destination
+    re-hashes before the blob becomes visible. Blobs first, manifest next, tags last, as in :func:`publish`.
+    """
+    src = open_store(ref.store)
+    dest = open_store(dest_store_uri)
+    ref, manifest = load_manifest(ref, src)
+    start = time.monotonic()
+    with ThreadPoolExecutor(JOBS) as pool:
+        missing = _missing_blobs(dest, manifest, pool)
+        total = sum(e.size for e in missing)
+        with byte_progress(total, f"copy {manifest.name}") as advance:
+            list(pool.map(lambda e: _stream(src, dest, e, advance), missing))
+    out = _finish(dest, manifest, tags, None)
+    _log_rate("copied", out, total, start)
+    return out
+
+
+def _stream(src: Store, dest: Store, entry: FileEntry, advance: Callable[[int], None]) -> None:
+    dest.put_stream(entry.sha256, entry.size, src.read_blob(entry.sha256, entry.size), advance)
+
+
+def _missing_blobs(store: Store, manifest: Manifest, pool: ThreadPoolExecutor) -> list[FileEntry]:
+    blobs = _unique_blobs(manifest.files)
+    present = list(pool.map(lambda e: store.has_blob(e.sha256), blobs))
+    return [e for e, has in zip(blobs, present, strict=True) if not has]
+
+
+def _finish(store: Store, manifest: Manifest, tags: Iterable[str], record: Mapping[str, Any] | None) -> ArtifactRef:
+    """Write the manifest once every blob is in, then the record, then the tags (the only mutable names)."""
+    digest = store.put_manifest(manifest.name, manifest.to_bytes())
+    if record:
+        store.put_record(manifest.name, digest, record)
+    for tag in tags:
+        store.set_tag(manifest.name, tag, digest)
+    return ArtifactRef(store=store.uri, name=manifest.name, digest=digest)
+
+
+def _log_rate(what: str, ref: ArtifactRef, nbytes: int, start: float) -> None:
+    seconds = max(time.monotonic() - start, 1e-6)
+    log.info("%s %s: %d bytes in %.1fs (%.1f MiB/s)", what, ref, nbytes, seconds, nbytes / seconds / 2**20)
 
 
 def _unique_blobs(files: Iterable[FileEntry]) -> list[FileEntry]:

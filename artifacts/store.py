@@ -14,7 +14,7 @@ tag that points at missing content.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,6 +53,18 @@ class Store(Protocol):
         """Re-hash a stored blob; raise VerificationError if it is missing or differs."""
         ...
 
+    def read_blob(self, digest: str, size: int) -> Iterator[bytes]:
+        """The blob's bytes in order, verified while streaming: VerificationError comes before the last chunk."""
+        ...
+
+    def put_stream(self, digest: str, size: int, chunks: Iterable[bytes], progress: ProgressFn | None = None) -> None:
+        """Store a blob from a stream of chunks, verified before it becomes visible (for copies between stores)."""
+        ...
+
+    def preflight(self) -> None:
+        """Fail fast, before a long build, if the store cannot be reached or written."""
+        ...
+
     def put_manifest(self, name: str, data: bytes) -> str: ...
 
     def get_manifest(self, name: str, digest: str) -> bytes: ...
@@ -72,9 +84,15 @@ def _local(uri: str) -> Store:
     return LocalStore(uri)
 
 
+def _s3(uri: str) -> Store:
+    from artifacts.s3 import S3Store
+
+    return S3Store(uri)
+
+
 # Registry keyed by the `publish=` config option name; `SCHEME_TO_STORE` maps URI schemes onto it.
-STORES: dict[str, Callable[[str], Store]] = {"local": _local}
-SCHEME_TO_STORE = {"file": "local"}
+STORES: dict[str, Callable[[str], Store]] = {"local": _local, "s3": _s3}
+SCHEME_TO_STORE = {"file": "local", "s3": "s3"}
 
 
 def open_store(uri: str) -> Store:

@@ -179,6 +179,10 @@ def _problems(cfg: BuildConfig) -> list[tuple[str, str]]:
         out.append(("target.max_model_len", "must be >= 1"))
     if cfg.serving.max_num_seqs < 1:
         out.append(("serving.max_num_seqs", "must be >= 1"))
+    if cfg.publish.store != "local" and not cfg.publish.uri:  # only the local store has a default location
+        out.append(
+            ("publish.uri", f"is required with publish={cfg.publish.store} (e.g. publish.uri=s3://bucket/prefix)")
+        )
     out.extend(_synth_problems(cfg.model))
     return out
 

@@ -16,9 +16,10 @@ from typing import Any
 
 from artifacts import __version__ as kiln_version
 from artifacts import ops
+from artifacts.errors import ArtifactError
 from artifacts.manifest import ENGINE_DEVICES, Manifest, Target
 from artifacts.paths import cache_root, default_store_uri
-from artifacts.store import SCHEME_TO_STORE, STORES
+from artifacts.store import SCHEME_TO_STORE, STORES, open_store
 from artifacts.uri import ArtifactRef, normalize_store_uri, scheme_of
 from build.cache import StageCache, StageRecord
 from build.config import BuildConfig, parse_size, to_plain
@@ -85,11 +86,16 @@ def _optional_stages(cfg: BuildConfig) -> list[tuple[StageSpec, dict[str, Any]]]
 
 
 def _store_uri(cfg: BuildConfig) -> str:
+    """The publish store's URI, checked against publish.store and probed before any stage runs (fail fast)."""
     if cfg.publish.store not in STORES:
         raise BuildError("publish", f"unknown store {cfg.publish.store!r}; known: {sorted(STORES)}", key="publish")
-    uri = normalize_store_uri(cfg.publish.uri) if cfg.publish.uri else default_store_uri()
-    if SCHEME_TO_STORE.get(scheme_of(uri)) != cfg.publish.store:
-        raise BuildError("publish", f"publish.uri {uri!r} is not a {cfg.publish.store} store URI", key="publish.uri")
+    try:
+        uri = normalize_store_uri(cfg.publish.uri) if cfg.publish.uri else default_store_uri()
+        if SCHEME_TO_STORE.get(scheme_of(uri)) != cfg.publish.store:
+            raise BuildError("publish", f"{uri!r} is not a {cfg.publish.store} store URI", key="publish.uri")
+        open_store(uri).preflight()
+    except ArtifactError as exc:
+        raise BuildError("publish", str(exc), key="publish.uri") from None
     return uri
 
 

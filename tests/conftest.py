@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.s3_server import fault_proxy, moto_s3  # noqa: F401  (S3 fixtures: a real S3 server on loopback)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

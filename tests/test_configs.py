@@ -47,6 +47,8 @@ def test_every_option_composes_and_validates(hydra: None, group: str, option: st
     overrides = [f"{group}={option}"]
     if group == "model" and option == "hf":
         overrides += ["model.source=/some/dir", "model.name=some-model"]
+    if group == "publish" and option == "s3":
+        overrides += ["publish.uri=s3://some-bucket/prefix"]
     cfg = compose(config_name="build", overrides=overrides)
     typed = validate(cfg)
     assert isinstance(typed, BuildConfig)
@@ -68,6 +70,8 @@ def test_missing_required_key_named(hydra: None) -> None:
         validate(cfg)
     assert "model.name" in str(err.value)
     assert "model.source" in str(err.value)
+    with pytest.raises(ConfigError, match=r"publish\.uri"):
+        validate(compose(config_name="build", overrides=["publish=s3"]))
 
 
 def test_all_problems_reported_at_once(hydra: None) -> None:
