@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 from artifacts import ops
 from artifacts.errors import ArtifactError
+from artifacts.logs import setup_logging
 from artifacts.paths import default_store_uri
 from artifacts.store import open_store
 from artifacts.uri import ArtifactRef, normalize_store_uri, parse_ref
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_pull)
     for name, help_text in (
         ("push", "publish an artifact directory or URI to a store"),
-        ("copy", "copy an artifact between stores"),
+        ("copy", "copy an artifact between stores (streamed: nothing is staged locally)"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("src", help="artifact URI, or a directory holding manifest.json")
@@ -93,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--tag", action="append", default=[], help="tag to set at the destination (repeatable)")
         p.set_defaults(fn=cmd_push)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging("INFO" if args.verbose else "WARNING")
     try:
         return int(args.fn(args))
     except ArtifactError as exc:

@@ -281,21 +281,24 @@ class S3Transport:
                 future.cancel()  # s3transfer aborts the multipart upload
                 raise
 
-    def iter_object(self, key: str, size: int) -> Iterator[bytes]:
+    def iter_object(self, key: str, size: int, etag: str | None = None) -> Iterator[bytes]:
         """The object's bytes in order; raises VerificationError if it is not ``size`` bytes long.
 
-        Up to one range: a single GET. Larger: parallel ranged GETs pinned to the ETag, reassembled in order.
+        Up to one range: a single GET. Larger: parallel ranged GETs pinned to the ETag (``etag``, e.g. from a
+        listing, else a HEAD's), reassembled in order.
         """
         if size <= self.range_size:
-            yield from self._small_object(key, size)
+            yield from self._small_object(key, size, etag)
             return
-        with self.errors("download", key):
-            head = self.client.head_object(Bucket=self.bucket, Key=key)
-        if head["ContentLength"] != size:
-            raise _size_mismatch(self.url(key), head["ContentLength"], size)
-        yield from self._ranges(key, size, head["ETag"])
+        if etag is None:
+            with self.errors("download", key):
+                head = self.client.head_object(Bucket=self.bucket, Key=key)
+            if head["ContentLength"] != size:
+                raise _size_mismatch(self.url(key), head["ContentLength"], size)
+            etag = str(head["ETag"])
+        yield from self._ranges(key, size, etag)
 
-    def _small_object(self, key: str, size: int) -> Iterator[bytes]:
+    def _small_object(self, key: str, size: int, etag: str | None) -> Iterator[bytes]:
         if size == 0:
             with self.errors("download", key):
                 length = self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
@@ -304,7 +307,7 @@ class S3Transport:
             return
         # Ask for one byte more than expected: a longer object shows in Content-Range without being read.
         with self.errors("download", key):
-            data, total = self._get_range(key, 0, size, None)
+            data, total = self._get_range(key, 0, size, etag)
         if total != size:
             raise _size_mismatch(self.url(key), total, size)
         yield data
@@ -357,14 +360,15 @@ class S3Transport:
 
     # -- errors ---------------------------------------------------------------------------------------------
     @contextmanager
-    def errors(self, action: str, key: str | None) -> Iterator[None]:
-        """Turn boto errors into ArtifactErrors naming the object and the fix (never a credential)."""
+    def errors(self, action: str, key: str | None, where: str | None = None) -> Iterator[None]:
+        """Turn boto errors into ArtifactErrors naming the object (or ``where``) and the fix, never a credential."""
         try:
             yield
         except ArtifactError:
             raise
         except Exception as exc:
-            mapped = self._map(exc, action, self.url(key) if key is not None else f"s3://{self.bucket}")
+            where = where or (self.url(key) if key is not None else f"s3://{self.bucket}")
+            mapped = self._map(exc, action, where)
             if mapped is None:
                 raise
             raise mapped from None
@@ -452,13 +456,18 @@ class S3Store:
         self.s3 = S3Transport(self.loc.bucket, **transfer)
 
     def preflight(self) -> None:
-        """Fail fast when the bucket is missing, unreachable or the credentials unusable (a GET of a missing key)."""
+        """Fail fast when the bucket is missing or unreachable, or the credentials unusable.
+
+        A GET of a key that does not exist: "no such key" is success, and so is "access denied", since
+        credentials allowed to write need not be allowed to read.
+        """
         try:
-            self.s3.get_bytes(self.loc.key("names/.kiln-preflight"))
+            with self.s3.errors("use", None, where=self.uri):
+                self.s3.client.get_object(Bucket=self.loc.bucket, Key=self.loc.key("names/.kiln-preflight"))
         except NotFoundError:
             return
         except StoreError as exc:
-            if "access denied" not in str(exc):  # write-only credentials may not read: that is fine here
+            if "access denied" not in str(exc):
                 raise
 
     # -- blobs ---------------------------------------------------------------------------------------------

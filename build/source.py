@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from artifacts.errors import ArtifactError
 from artifacts.ops import scan_dir
 from artifacts.paths import cache_root
 from build.cache import StageCache, StageRecord, files_digest
@@ -40,12 +41,7 @@ def acquire(model: ModelConfig, cache: StageCache, *, force: bool) -> Source:
             stage=rec,
         )
     if src.startswith("s3://"):
-        raise BuildError(
-            "source",
-            f"{src}: s3:// model sources need the S3 store, which this kiln does not have yet",
-            key="model.source",
-            fix="copy the checkpoint to a local directory and pass its path",
-        )
+        return _s3(src, model.allow_pickle)
     path = Path(src).expanduser()
     if path.exists():
         return _local(path)
@@ -67,6 +63,28 @@ def _local(path: Path) -> Source:
         StageInput(path.resolve(), digest),
         {"kind": "local", "digest": digest},
         record={"source_path": str(path.resolve())},
+    )
+
+
+def _s3(uri: str, allow_pickle: bool) -> Source:
+    """An HF checkpoint stored as a plain S3 prefix, mirrored into the cache (see :mod:`build.s3_source`)."""
+    from build.s3_source import fetch_prefix
+
+    patterns = HUB_FILES + (["pytorch_model*.bin"] if allow_pickle else [])
+    try:
+        path, files = fetch_prefix(uri, patterns)
+    except ArtifactError as exc:
+        raise BuildError(
+            "source",
+            str(exc),
+            key="model.source",
+            fix="model.source=s3://bucket/prefix/ must hold config.json and weights",
+        ) from None
+    digest = files_digest(files)
+    return Source(
+        StageInput(path, digest),
+        {"kind": "s3", "uri": uri, "digest": digest},
+        record={"source_path": str(path)},
     )
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from artifacts import ops
-from artifacts.digest import hex_of
+from artifacts.digest import hex_of, sha256_bytes
 from artifacts.errors import ArtifactError, UriError, VerificationError
 from artifacts.manifest import MANIFEST_NAME, Manifest
 from artifacts.paths import default_store_uri, pull_cache_root
@@ -41,6 +41,8 @@ def resolve(target: str) -> ResolvedModel:
     if target.startswith(("/", "./", "../", "~")):
         raise UriError(f"{target}: no such directory")
     ref = parse_ref(target, default_store_uri())
+    if ref.digest and (cached := _cached(pull_cache_root() / hex_of(ref.digest), ref.digest, target)):
+        return cached  # a digest names immutable content: an intact cache entry needs no store at all
     ref, manifest = ops.load_manifest(ref)
     assert ref.digest is not None
     entry = pull_cache_root() / hex_of(ref.digest)
@@ -59,6 +61,22 @@ def resolve(target: str) -> ResolvedModel:
             raise
     _verify(entry, manifest)
     return ResolvedModel(entry, manifest.name, manifest, target)
+
+
+def _cached(entry: Path, digest: str, source: str) -> ResolvedModel | None:
+    """The cache entry for ``digest`` if its manifest has that digest and every file verifies, else None."""
+    try:
+        data = (entry / MANIFEST_NAME).read_bytes()
+        if (entry / MANIFEST_NAME).is_symlink() or sha256_bytes(data) != digest:
+            return None
+        manifest = Manifest.from_bytes(data)
+        _verify(entry, manifest)
+    except (OSError, ArtifactError) as exc:
+        if entry.exists():
+            log.warning("pull cache entry %s cannot be used (%s); resolving through the store", entry, exc)
+        return None
+    log.info("using cached %s from %s", digest, entry)
+    return ResolvedModel(entry, manifest.name, manifest, source)
 
 
 def _from_dir(path: Path, source: str) -> ResolvedModel:
