@@ -63,7 +63,8 @@ def test_build_publish_s3_serve_then_refuse_corruption(
         f.write(b"\xff" * 8)
     proc = run_cli("runtime", "serve", tag_uri, "--port", "1", timeout=120)
     assert proc.returncode == 1, proc.stderr
-    named = re.search(rf"kiln runtime: (\S+): s3://{bucket}/models/blobs/sha256/([0-9a-f]{{64}}) is corrupt", proc.stderr)
+    blob = rf"s3://{bucket}/models/blobs/sha256/([0-9a-f]{{64}})"
+    named = re.search(rf"kiln runtime: (\S+): {blob} is corrupt", proc.stderr)
     assert named, proc.stderr  # the file and the bucket object at fault
     assert (named[1], f"sha256:{named[2]}") in {(e.path, e.sha256) for e in manifest.files}
     assert "Traceback" not in proc.stderr
