@@ -61,6 +61,13 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against their peer in the same run: S3 pull vs boto3 download_file (tests/bench/s3_pull.py)."""
+    session.install("boto3>=1.36", "moto[server]>=5", "tqdm>=4.66")
+    session.run("python", "-m", "tests.bench.s3_pull", *session.posargs)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.8")
     session.run("ruff", "check", ".")

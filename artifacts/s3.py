@@ -44,9 +44,11 @@ log = logging.getLogger("kiln.artifacts.s3")
 
 MiB = 1024 * 1024
 PART_SIZE = 16 * MiB  # multipart threshold and part size for uploads (S3's minimum part is 5 MiB)
-RANGE_SIZE = 8 * MiB  # ranged GET size for downloads
-CONCURRENCY = 10  # parallel requests per store
-BUFFER_CHUNKS = 16  # downloaded ranges held in memory per store, waiting to be hashed in order
+# Ranged GET size for downloads: large enough that per-request latency (and cost) is noise, small enough that
+# a multi-GiB shard still spreads over every connection.
+RANGE_SIZE = 32 * MiB
+CONCURRENCY = 8  # parallel requests per store (download ranges, upload parts)
+BUFFER_CHUNKS = 8  # ranges held in memory per store while waiting to be hashed in order: at most 256 MiB
 SMALL_OBJECT_LIMIT = 64 * MiB  # manifests, tags, records: refuse to read anything larger into memory
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
