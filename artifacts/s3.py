@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from artifacts.digest import file_chunks, hex_of, is_digest, sha256_bytes, verify_stream
 from artifacts.errors import ArtifactError, NotFoundError, StoreError, UriError, VerificationError
@@ -75,15 +76,17 @@ _KEY_ID_RE = re.compile(r"\b(?:AKIA|ASIA|AROA|AIDA|ANPA|AGPA)[A-Z0-9]{12,}\b")
 _SIGNED_QUERY_RE = re.compile(
     r"(?i)\b(x-amz-signature|x-amz-credential|x-amz-security-token|signature|awsaccesskeyid|x-amz-session-token)=[^&\s\"'<>]+"
 )
+_USERINFO_RE = re.compile(r"://[^/@\s]+@")
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` without credentials: access key ids, presigned-URL signatures and tokens, and known secret values."""
+    """``text`` without credentials: key ids, presigned-URL signatures and tokens, URL passwords, known secrets."""
     known = [s for s in (*secrets, *(os.environ.get(k, "") for k in _SECRET_ENV)) if len(s) >= 8]
     for secret in sorted(known, key=len, reverse=True):
         text = text.replace(secret, "<redacted>")
     text = _SIGNED_QUERY_RE.sub(lambda m: f"{m.group(1)}=<redacted>", text)
+    text = _USERINFO_RE.sub("://<redacted>@", text)
     return _KEY_ID_RE.sub("<redacted-key-id>", text)
 
 
@@ -196,7 +199,12 @@ class S3Transport:
 
     @property
     def endpoint(self) -> str:
-        return str(self._client.meta.endpoint_url) if self._client is not None else "(not connected)"
+        """The endpoint for messages: without any ``user:password@`` part."""
+        if self._client is None:
+            return "(not connected)"
+        url = urlsplit(str(self._client.meta.endpoint_url))
+        host = f"{url.hostname}:{url.port}" if url.port else str(url.hostname)
+        return urlunsplit((url.scheme, host, url.path, "", ""))
 
     @property
     def region(self) -> str:

@@ -78,9 +78,11 @@ def test_no_permission_and_rejected_credentials(published: str, iam_user: dict[s
 
 
 def test_wrong_endpoint_and_wrong_region(published: str) -> None:
-    closed = f"http://127.0.0.1:{free_port()}"
+    port = free_port()
+    closed = f"http://proxyuser:proxy-password-1234@127.0.0.1:{port}"  # userinfo in the URL must not show either
     proc = run_cli("artifacts", "show", published, env={"AWS_ENDPOINT_URL": closed, "AWS_MAX_ATTEMPTS": "1", **LOUD})
-    fails_cleanly(proc, f"the S3 endpoint {closed} cannot be reached", "AWS_ENDPOINT_URL")
+    msg = fails_cleanly(proc, f"the S3 endpoint http://127.0.0.1:{port} cannot be reached", "AWS_ENDPOINT_URL")
+    assert "proxy-password-1234" not in msg
     # What S3 answers when the bucket lives in another region (botocore retries it once, re-signed).
     other = CannedS3(
         301,

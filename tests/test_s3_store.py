@@ -84,25 +84,24 @@ def test_multipart_upload_and_ranged_download(moto_s3: MotoS3, tmp_path: Path) -
     store.check_blob(entry.sha256, entry.size)
 
 
-def test_republish_uploads_only_what_is_missing(moto_s3: MotoS3, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+def test_republish_uploads_only_what_is_missing(
+    moto_s3: MotoS3, fault_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bucket = moto_s3.bucket()
     src, m = make_artifact(tmp_path)
-    env = {"AWS_ENDPOINT_URL": fault_proxy.endpoint}
-    push = run_cli("artifacts", "push", str(src), f"s3://{bucket}/store", "--tag", "latest", env=env)
-    assert push.returncode == 0, push.stderr
+    monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.endpoint)  # count the bytes sent to S3
+    ref = ops.publish(src, m, f"s3://{bucket}/store", tags=["latest"])
     first = fault_proxy.sent
     assert first > 3 * MiB
-    again = run_cli("artifacts", "push", str(src), f"s3://{bucket}/store", "--tag", "latest", env=env)
-    assert again.returncode == 0, again.stderr
-    assert again.stdout == push.stdout
+    assert ops.publish(src, m, f"s3://{bucket}/store", tags=["latest"]) == ref
     assert fault_proxy.sent - first < 64 * 1024  # HEADs, the manifest marker and the tag: no blob bytes
-    # A new version sharing all but one file uploads only that file.
+    # A new version sharing all but one small file uploads only that file.
     (src / "config.json").write_text('{"a": 2}')
     m2 = Manifest.create(name="demo", files=ops.scan_dir(src), target=TARGET, serving={}, provenance={})
-    (src / "manifest.json").write_bytes(m2.to_bytes())
     before = fault_proxy.sent
-    assert run_cli("artifacts", "push", str(src), f"s3://{bucket}/store", env=env).returncode == 0
+    ops.publish(src, m2, f"s3://{bucket}/store", tags=["latest"])
     assert fault_proxy.sent - before < 64 * 1024
+    assert ops.resolve(parse_ref(f"s3://{bucket}/store/demo:latest")).digest == m2.digest
 
 
 @pytest.mark.parametrize("size", [1000, 6 * MiB], ids=["single-put", "multipart"])
@@ -128,12 +127,15 @@ def test_copy_streams_between_stores(moto_s3: MotoS3, tmp_path: Path) -> None:
     src, m = make_artifact(tmp_path)
     local = ops.publish(src, m, f"file://{tmp_path}/local")
     on_a = ops.copy(local, f"s3://{a}/x", tags=["latest"])
-    on_b = ops.copy(parse_ref(f"s3://{a}/x/demo:latest"), f"s3://{b}", tags=["prod"])
+    proc = run_cli("artifacts", "copy", f"s3://{a}/x/demo:latest", f"s3://{b}", "--tag", "prod")
+    assert proc.returncode == 0, proc.stderr
+    on_b = parse_ref(proc.stdout.strip())
     back = ops.copy(on_b, f"file://{tmp_path}/back", tags=["latest"])
     assert on_a.digest == on_b.digest == back.digest == m.digest
     ops.verify_ref(parse_ref(f"s3://{b}/demo:prod"))
     ops.verify_ref(parse_ref(f"file://{tmp_path}/back/demo:latest"))
-    assert not list(tmp_path.glob("kiln-copy-*"))
+    ls = run_cli("artifacts", "ls", f"s3://{b}")
+    assert ls.stdout.strip() == f"s3://{b}/demo@{m.digest}  tags: prod"
 
 
 @pytest.mark.parametrize("damage", ["truncated", "replaced"])
@@ -151,10 +153,11 @@ def test_corrupt_blob_is_refused_naming_the_object(moto_s3: MotoS3, tmp_path: Pa
         ops.pull(ref, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".pull-*"))
-    proc = run_cli("artifacts", "pull", str(ref), str(tmp_path / "out2"))
-    assert proc.returncode == 1
-    assert key in proc.stderr
-    assert "Traceback" not in proc.stderr
+    if damage == "replaced":  # the CLI says the same, and exits 1
+        proc = run_cli("artifacts", "pull", str(ref), str(tmp_path / "out2"))
+        assert proc.returncode == 1
+        assert key in proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("change", ["deleted", "replaced"])
@@ -232,7 +235,11 @@ def test_redact_removes_credentials() -> None:
         "https://b.s3.amazonaws.com/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F2026"
         "&X-Amz-Signature=0123abcd&X-Amz-Security-Token=FwoGZXIvYXdzE"
     )
-    text = redact(f"failed {url} with key AKIAIOSFODNN7EXAMPLE and secret sekrit-value-1234", ["sekrit-value-1234"])
+    text = redact(
+        f"failed {url} with key AKIAIOSFODNN7EXAMPLE and secret sekrit-value-1234 via http://u:pw-9876@proxy:8080/",
+        ["sekrit-value-1234"],
+    )
+    assert "pw-9876" not in text
     assert "AKIAIOSFODNN7EXAMPLE" not in text
     assert "0123abcd" not in text
     assert "FwoGZXIvYXdzE" not in text
@@ -263,20 +270,25 @@ def test_connection_dropped_mid_upload_then_resumed(moto_s3: MotoS3, fault_proxy
     assert moto_s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []  # aborted
     fault_proxy.heal()
     before = fault_proxy.sent
-    again = run_cli("artifacts", "push", str(src), f"s3://{bucket}/store", "--tag", "latest", env=env)
-    assert again.returncode == 0, again.stderr
+    os.environ["AWS_ENDPOINT_URL"], saved = fault_proxy.endpoint, os.environ["AWS_ENDPOINT_URL"]
+    try:
+        ops.publish(src, m, f"s3://{bucket}/store", tags=["latest"])
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = saved
     assert 20 * MiB <= fault_proxy.sent - before < 21 * MiB  # the big blob only
     ops.verify_ref(parse_ref(f"s3://{bucket}/store/demo:latest"))
 
 
-def test_transient_drop_is_retried(moto_s3: MotoS3, fault_proxy: FaultProxy, tmp_path: Path) -> None:
+def test_transient_drop_is_retried(
+    moto_s3: MotoS3, fault_proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bucket = moto_s3.bucket()
     src, m = make_artifact(tmp_path)
     fault_proxy.cut_after, fault_proxy.cuts = 1 * MiB, 1
-    proc = run_cli("artifacts", "push", str(src), f"s3://{bucket}/s", env={"AWS_ENDPOINT_URL": fault_proxy.endpoint})
-    assert proc.returncode == 0, proc.stderr
+    monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.endpoint)
+    ref = ops.publish(src, m, f"s3://{bucket}/s")
     assert fault_proxy.resets == 1
-    ops.verify_ref(parse_ref(proc.stdout.strip()))
+    ops.verify_ref(ref)
 
 
 @pytest.mark.usefixtures("tiny_uri")  # the tiny build's stages are cached: the build goes straight to publish
