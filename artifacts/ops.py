@@ -65,8 +65,11 @@ def verify_dir(directory: Path, manifest: Manifest) -> list[str]:
     )
 
 
-def verify_files(directory: Path, files: Iterable[FileEntry]) -> None:
-    """Check that each entry exists under ``directory`` as a regular file with its size and sha256."""
+def verify_files(directory: Path, files: Iterable[FileEntry], *, contents: bool = True) -> None:
+    """Check that each entry exists under ``directory`` as a regular file with its size and sha256.
+
+    ``contents=False`` skips the sha256 (for callers that hash while copying anyway, e.g. publish).
+    """
     root = directory.resolve()
 
     def check(entry: FileEntry) -> None:
@@ -81,6 +84,8 @@ def verify_files(directory: Path, files: Iterable[FileEntry]) -> None:
                 f"{entry.path}: size {path.stat().st_size} does not match the manifest ({entry.size}); "
                 "the file is truncated or was modified"
             )
+        if not contents:
+            return
         digest, _ = sha256_file(path)
         if digest != entry.sha256:
             raise VerificationError(f"{entry.path}: sha256 {digest} does not match the manifest ({entry.sha256})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import openai
@@ -46,6 +47,13 @@ def test_build_publish_s3_serve_then_refuse_corruption(
     assert f"pulled {digest_uri}" in server.logs()
     entry = cache / "pulled" / digest_uri.rsplit(":", 1)[1]
     manifest = Manifest.from_bytes((entry / MANIFEST_NAME).read_bytes())
+
+    # A cached file swapped for a symlink (to an identical copy outside the cache) is refused and fetched again.
+    shutil.copy(entry / "config.json", tmp_path / "outside.json")
+    (entry / "config.json").unlink()
+    (entry / "config.json").symlink_to(tmp_path / "outside.json")
+    assert resolve(tag_uri).path == entry
+    assert not (entry / "config.json").is_symlink()
 
     # Corrupt every file's blob in the bucket: from here on, any download would fail verification.
     s3 = moto_s3.client()
