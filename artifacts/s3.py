@@ -45,8 +45,10 @@ log = logging.getLogger("kiln.artifacts.s3")
 
 MiB = 1024 * 1024
 PART_SIZE = 16 * MiB  # multipart threshold and part size for uploads (S3's minimum part is 5 MiB)
-# Ranged GET size for downloads: large enough that per-request latency (and cost) is noise, small enough that
-# a multi-GiB shard still spreads over every connection.
+# Ranged GETs for downloads: an object is spread over every connection, in ranges of at least MIN_RANGE (below
+# that, per-request latency and cost dominate) and at most RANGE_SIZE (which bounds the buffer). Objects up to
+# MIN_RANGE come in one GET.
+MIN_RANGE = 8 * MiB
 RANGE_SIZE = 32 * MiB
 CONCURRENCY = 8  # parallel requests per store (download ranges, upload parts)
 BUFFER_CHUNKS = 8  # ranges held in memory per store while waiting to be hashed in order: at most 256 MiB
@@ -148,6 +150,38 @@ class _IterReader:
         return b"".join(parts)
 
 
+_CLIENTS: dict[str, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def shared_client(pool_size: int) -> Any:
+    """A boto3 S3 client, one per process and AWS configuration (creating one costs ~0.2 s; they are thread-safe).
+
+    Keyed by the ``AWS_*`` environment, so a changed endpoint, region or credential variable gets a new client.
+    """
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError as exc:
+        raise StoreError("s3:// stores need boto3: pip install 'kiln[runtime]' (or boto3)") from exc
+    aws_env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
+    key = sha256_bytes(repr((aws_env, pool_size)).encode())
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            config = Config(
+                max_pool_connections=pool_size,
+                retries={
+                    "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+                    "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5")),
+                },
+                connect_timeout=10,
+                read_timeout=60,
+                user_agent_appid="kiln",
+            )
+            _CLIENTS[key] = boto3.session.Session().client("s3", config=config)
+        return _CLIENTS[key]
+
+
 class S3Transport:
     """One bucket through one boto3 client: verified parallel transfers and error mapping. Thread-safe."""
 
@@ -179,23 +213,8 @@ class S3Transport:
             return self._client
 
     def _make_client(self) -> Any:
-        try:
-            import boto3
-            from botocore.config import Config
-        except ImportError as exc:
-            raise StoreError("s3:// stores need boto3: pip install 'kiln[runtime]' (or boto3)") from exc
-        config = Config(
-            max_pool_connections=self.concurrency + 8,
-            retries={
-                "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-                "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5")),
-            },
-            connect_timeout=10,
-            read_timeout=60,
-            user_agent_appid="kiln",
-        )
         with self.errors("connect to", None):
-            return boto3.session.Session().client("s3", config=config)
+            return shared_client(self.concurrency + 8)
 
     @property
     def endpoint(self) -> str:
@@ -294,10 +313,11 @@ class S3Transport:
     def iter_object(self, key: str, size: int, etag: str | None = None) -> Iterator[bytes]:
         """The object's bytes in order; raises VerificationError if it is not ``size`` bytes long.
 
-        Up to one range: a single GET. Larger: parallel ranged GETs pinned to the ETag (``etag``, e.g. from a
-        listing, else a HEAD's), reassembled in order.
+        Small: a single GET. Larger: parallel ranged GETs pinned to the ETag (``etag``, e.g. from a listing,
+        else a HEAD's), reassembled in order.
         """
-        if size <= self.range_size:
+        smallest = min(MIN_RANGE, self.range_size)
+        if size <= smallest:
             yield from self._small_object(key, size, etag)
             return
         if etag is None:
@@ -306,7 +326,8 @@ class S3Transport:
             if head["ContentLength"] != size:
                 raise _size_mismatch(self.url(key), head["ContentLength"], size)
             etag = str(head["ETag"])
-        yield from self._ranges(key, size, etag)
+        span = min(self.range_size, max(smallest, -(-size // self.concurrency)))
+        yield from self._ranges(key, size, etag, span)
 
     def _small_object(self, key: str, size: int, etag: str | None) -> Iterator[bytes]:
         if size == 0:
@@ -322,8 +343,8 @@ class S3Transport:
             raise _size_mismatch(self.url(key), total, size)
         yield data
 
-    def _ranges(self, key: str, size: int, etag: str) -> Iterator[bytes]:
-        starts = deque(range(0, size, self.range_size))
+    def _ranges(self, key: str, size: int, etag: str, span: int) -> Iterator[bytes]:
+        starts = deque(range(0, size, span))
         pending: deque[Future[tuple[bytes, int]]] = deque()
         pool = self._executor()
         try:
@@ -332,7 +353,7 @@ class S3Transport:
                 # so downloads sharing the slots always make progress.
                 while starts and len(pending) < self.concurrency and self._slots.acquire(blocking=not pending):
                     start = starts.popleft()
-                    end = min(start + self.range_size, size) - 1
+                    end = min(start + span, size) - 1
                     pending.append(pool.submit(self._get_range, key, start, end, etag))
                 with self.errors("download", key):
                     data, _ = pending[0].result()
