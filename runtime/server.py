@@ -34,6 +34,7 @@ from runtime.service import ModelService
 
 log = logging.getLogger("kiln.runtime")
 HEALTH_INTERVAL_S = 2.0
+DEAD_GRACE_S = 2.0  # after an engine death, answer /ping 503 this long before exiting (probes see "unhealthy")
 SSE = "text/event-stream"
 SCHEMAS: dict[str, type[BaseModel]] = {
     "ChatCompletionRequest": ChatCompletionRequest,
@@ -418,5 +419,6 @@ async def _watch(state: ServerState, on_fatal: Callable[[int], None]) -> None:
         except EngineDeadError as exc:
             state.status, state.error = "dead", str(exc)
             log.error("engine died: %s; exiting so the orchestrator restarts this server", exc)
+            await asyncio.sleep(DEAD_GRACE_S)
             on_fatal(1)
             return

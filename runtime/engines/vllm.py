@@ -193,7 +193,10 @@ class VllmEngine:
             return
         if self._llm.errored:
             raise EngineDeadError(str(self._llm.dead_error))
-        await self._llm.check_health()
+        try:
+            await self._llm.check_health()
+        except Exception as exc:  # vLLM raises its own EngineDeadError (or worse) once the core is gone
+            raise EngineDeadError(f"{type(exc).__name__}: {exc}") from exc
 
     def stats(self) -> EngineStats:
         sched = self._sched
