@@ -10,6 +10,7 @@ from typing import Any
 
 from runtime.config import (
     ConfigError,
+    Entry,
     Resolved,
     ServeConfig,
     Sources,
@@ -48,6 +49,7 @@ def configure(cli: Mapping[str, Any], options: list[str], env: Mapping[str, str]
         env=env_entries,
         cli=cli_entries(cli, options),
         hints=hints,
+        located=[Entry("model", location.target, location.origin)],
     )
     return model, resolve_config(sources, model.manifest, _native_keys, sagemaker=location.sagemaker)
 

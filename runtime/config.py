@@ -256,6 +256,7 @@ class Sources:
     env: list[Entry] = field(default_factory=list)
     cli: list[Entry] = field(default_factory=list)
     hints: list[Entry] = field(default_factory=list)  # host facts (SM_NUM_GPUS), below every source
+    located: list[Entry] = field(default_factory=list)  # where the model was found (SM_MODEL_DIR …), lowest
 
     def layers(self) -> list[list[Entry]]:
         return [self.artifact, self.properties, self.env, self.cli]
@@ -274,7 +275,7 @@ def resolve_config(
     """
     problems: list[str] = []
     ignored: list[tuple[Origin, str]] = []
-    merged: dict[str, Entry] = {}
+    merged: dict[str, Entry] = {e.key: e for e in sources.located}
     if manifest is None:
         for hint in sources.hints:
             merged[hint.key] = hint
@@ -290,8 +291,10 @@ def resolve_config(
     values = {k: e.value for k, e in known.items()}
     values["engine_args"] = {k: _parse_scalar(e.value) for k, e in extra.items()}
     config = _validate(values, known, problems)
-    if config is not None and manifest is not None:
-        _check_target(config, known, manifest, problems)
+    if manifest is not None:
+        # Check the target block even when some values are invalid (all problems in one message): the valid ones.
+        checked = config or _validate_valid(values)
+        _check_target(checked, known, manifest, problems)
     if problems:
         raise ConfigError(problems)
     assert config is not None
@@ -399,6 +402,15 @@ def _validate(values: dict[str, Any], known: dict[str, Entry], problems: list[st
         return None
 
 
+def _validate_valid(values: dict[str, Any]) -> ServeConfig:
+    """The configuration without the values that failed validation (their defaults instead)."""
+    try:
+        return ServeConfig.model_validate(values)
+    except ValidationError as exc:
+        bad = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
+        return ServeConfig.model_validate({k: v for k, v in values.items() if k not in bad})
+
+
 def _check_target(config: ServeConfig, known: dict[str, Entry], manifest: Manifest, problems: list[str]) -> None:
     """The artifact was built for its target block; operator values that contradict it are refused."""
     t = manifest.target
@@ -467,8 +479,10 @@ def properties_in(path: Path) -> list[Entry]:
 
 
 def redirect(location: Location, props: list[Entry]) -> Location:
-    """LMI: a serving.properties beside (or instead of) the weights may name the model with option.model_id."""
-    if location.origin.source in ("cli", "env"):
+    """LMI: a model directory holding no model but a serving.properties that names one with option.model_id (an
+    artifact URI or another directory) points there. A directory with weights is the model itself."""
+    d = Path(location.target).expanduser()
+    if (d / "manifest.json").is_file() or (d / "config.json").is_file():
         return location
     for e in props:
         if e.key == "model_id" and e.value:
