@@ -60,6 +60,16 @@ def demo(session: nox.Session) -> None:
     session.run(str(bin_dir / "python"), "tests/demo.py", *session.posargs, env=_env(bin_dir), external=True)
 
 
+@nox.session(venv_backend="none")
+def bench(session: nox.Session) -> None:
+    """Serving benchmark: vLLM's own OpenAI server vs `python -m runtime serve` (same weights and engine settings,
+    one run) as kiln/vLLM ratios, plus the transformers engine. Extra args go to tests/bench/serve_bench.py."""
+    bin_dir = shared_env(session)
+    session.run(
+        str(bin_dir / "python"), "-m", "tests.bench.serve_bench", *session.posargs, env=_env(bin_dir), external=True
+    )
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.8")
