@@ -178,12 +178,16 @@ def test_async_client_concurrent_streams(server: Live) -> None:
         )
         return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
+    async def plain(client: openai.AsyncOpenAI) -> str:
+        r = await client.completions.create(model=server.model, prompt="Once", max_tokens=6, temperature=0)
+        return r.choices[0].text
+
     async def main() -> list[str]:
         async with openai.AsyncOpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(8)))
+            return await asyncio.gather(*(one(client, i) for i in range(8)), plain(client), plain(client))
 
     texts = asyncio.run(main())
-    assert len(texts) == 8
+    assert len(texts) == 10
     assert all(texts)
 
 
