@@ -3,9 +3,11 @@ the same weights and engine settings, in one run; then the transformers engine's
 
 Both vLLM-backed servers run side by side and the measured rounds alternate between them (which goes first
 alternates too), so drift in the machine's load hits both alike. Reported as kiln/vLLM ratios: request and output
-token throughput (targets >= 0.97), TTFT p50 (target <= 1.05), p90, p99 and inter-token latency p50/p90/p99.
+token throughput (targets >= 0.97), TTFT p50 (target <= 1.05), p90, p99 and inter-token latency p50/p90/p99; and
+the CPU time the server's own process (HTTP, formatting, detokenization; not the engine core) spends per output
+token, which is kiln's per-token overhead measured directly and barely moved by other load on the machine.
 
-    python -m tests.bench.serve_bench [--requests 256] [--concurrency 64] [--max-tokens 64] [--rounds 3]
+    python -m tests.bench.serve_bench [--requests 256] [--concurrency 64] [--max-tokens 64] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from tests.bench import load
 
@@ -74,6 +77,11 @@ class Proc:
             time.sleep(1)
         raise SystemExit(f"{self.name} not ready after {timeout}s")
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the server process itself (its engine core runs in child processes, not counted)."""
+        t = psutil.Process(self.p.pid).cpu_times()
+        return float(t.user + t.system)
+
     def stop(self) -> None:
         if self.p.poll() is None:
             self.p.send_signal(signal.SIGTERM)
@@ -119,13 +127,26 @@ def compare(args: argparse.Namespace, model_dir: Path, logs: Path) -> dict[str, 
         for base in (vbase, kbase):
             measure(base, "tiny-llama", args, args.concurrency, seed=99)
         runs = {"vllm": load.Run(), "kiln": load.Run()}
+        cpu = {"vllm": 0.0, "kiln": 0.0}
+        rounds: dict[str, list[float]] = {"vllm": [], "kiln": []}
         for r in range(args.rounds):
-            order = [("vllm", vbase), ("kiln", kbase)]
-            for name, base in order if r % 2 == 0 else order[::-1]:
+            order = [("vllm", vp, vbase), ("kiln", kp, kbase)]
+            for name, proc, base in order if r % 2 == 0 else order[::-1]:
+                before = proc.cpu_seconds()
                 run = measure(base, "tiny-llama", args, args.requests, seed=r)
-                log(f"round {r + 1}/{args.rounds} {name}: {run.summary()['output_throughput']:.0f} tok/s")
+                cpu[name] += proc.cpu_seconds() - before
+                rounds[name].append(run.summary()["output_throughput"])
+                log(f"round {r + 1}/{args.rounds} {name}: {rounds[name][-1]:.0f} tok/s")
                 runs[name].merge(run)
-        return {name: run.summary() for name, run in runs.items()}
+        out = {}
+        for name, run in runs.items():
+            tokens = sum(x.tokens for x in run.results)
+            out[name] = run.summary() | {
+                "server_cpu_us_per_token": 1e6 * cpu[name] / tokens if tokens else float("nan"),
+                "round_min_tok_s": min(rounds[name]),
+                "round_max_tok_s": max(rounds[name]),
+            }
+        return out
     finally:
         for p in (vp, kp):
             p.stop()
@@ -147,13 +168,15 @@ def report(results: dict[str, dict[str, float]], hf: dict[str, float] | None, ar
     lines = [
         f"load: {args.rounds} x {args.requests} requests, {args.concurrency} concurrent streams, "
         f"{args.max_tokens} output tokens (ignore_eos), /v1/completions streaming",
-        f"{'metric':<22}{'vLLM':>12}{'kiln':>12}{'kiln/vLLM':>12}  target",
+        f"{'metric':<24}{'vLLM':>12}{'kiln':>12}{'kiln/vLLM':>12}  target",
     ]
-    for key in (
+    keys = (
         "request_throughput",
         "output_throughput",
         *(f"{m}_p{q}_ms" for m in ("ttft", "itl") for q in (50, 90, 99)),
-    ):
+        "server_cpu_us_per_token",
+    )
+    for key in keys:
         ratio = k[key] / v[key] if v[key] else float("nan")
         target = TARGETS.get(key)
         mark = "" if target is None else (f">= {target}" if "throughput" in key else f"<= {target}")
@@ -162,8 +185,12 @@ def report(results: dict[str, dict[str, float]], hf: dict[str, float] | None, ar
             if target is None
             else ("  ok" if (ratio >= target if "throughput" in key else ratio <= target) else "  MISS")
         )
-        lines.append(f"{key:<22}{v[key]:>12.2f}{k[key]:>12.2f}{ratio:>12.3f}  {mark}{ok}")
-    lines.append(f"failures: vLLM {v['failures']:.0f}, kiln {k['failures']:.0f}")
+        lines.append(f"{key:<24}{v[key]:>12.2f}{k[key]:>12.2f}{ratio:>12.3f}  {mark}{ok}")
+    lines.append(
+        f"output tok/s per round: vLLM {v['round_min_tok_s']:.0f}-{v['round_max_tok_s']:.0f}, "
+        f"kiln {k['round_min_tok_s']:.0f}-{k['round_max_tok_s']:.0f}; "
+        f"failures: vLLM {v['failures']:.0f}, kiln {k['failures']:.0f}"
+    )
     if hf is not None:
         lines.append(
             f"transformers engine ({args.hf_requests} requests): {hf['output_throughput']:.1f} output tok/s, "
@@ -175,7 +202,7 @@ def report(results: dict[str, dict[str, float]], hf: dict[str, float] | None, ar
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=256, help="requests per round and server")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--hf-requests", type=int, default=256, help="requests for the transformers engine (0: skip)")
