@@ -169,6 +169,13 @@ def test_stop_sequence_cuts_the_output(client: openai.OpenAI, server: Live) -> N
     cut = client.completions.create(model=server.model, prompt="The cat", max_tokens=16, temperature=0, stop=[stop])
     assert cut.choices[0].text == text[: text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
+    streamed = list(
+        client.completions.create(
+            model=server.model, prompt="The cat", max_tokens=16, temperature=0, stop=[stop], stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in streamed) == text[: text.index(stop)]  # no part of the stop leaks
+    assert streamed[-1].choices[0].finish_reason == "stop"
 
 
 def test_async_client_concurrent_streams(server: Live) -> None:
