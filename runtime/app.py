@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from artifacts.errors import ArtifactError
 from runtime.config import (
     ConfigError,
     Entry,
@@ -37,6 +38,11 @@ def configure(cli: Mapping[str, Any], options: list[str], env: Mapping[str, str]
     """Find and verify the model, then resolve the configuration from every source (see runtime.config)."""
     location = locate(cli.get("model"), env)
     first_dir = Path(location.target).expanduser()
+    if location.sagemaker and not first_dir.is_dir():
+        raise ArtifactError(
+            f"no model given and SageMaker's model directory {first_dir} does not exist: pass an artifact URI or "
+            "directory, or set SM_MODEL_DIR or HF_MODEL_ID"
+        )
     props = properties_in(first_dir) if first_dir.is_dir() else []
     location = redirect(location, props)
     model = resolve(location.target)

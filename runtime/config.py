@@ -163,6 +163,11 @@ IGNORED: dict[str, str] = {
     "features": "the engine comes from the artifact's target block",
     "download_dir": "pulled artifacts live in kiln's pull cache",
     "device_map": "the engine places the model",
+    "load_models": "the server serves the one model it was started with",
+    "model_store": "the server serves the one model it was started with",
+    "inference_address": "use host and port",
+    "management_address": "kiln has no management API",
+    "prometheus": "/metrics is always served",
 }
 
 
@@ -307,7 +312,7 @@ def _merge_layer(layer: list[Entry], problems: list[str], ignored: list[tuple[Or
     out: dict[str, Entry] = {}
     for raw in layer:
         if not raw.key:
-            problems.append(f"{raw.origin}: cannot parse this line")
+            problems.append(f"{raw.origin}: not a setting")
             continue
         entry = _normalize(raw, problems, ignored)
         if entry is None:
@@ -339,6 +344,9 @@ def _normalize(entry: Entry, problems: list[str], ignored: list[tuple[Origin, st
         return None
     if key in ("batch_size", "task"):
         _lmi_mode(entry, problems, ignored)
+        return None
+    if key in ("tensor_parallel_degree", "tensor_parallel_size") and str(value).strip().lower() == "max":
+        ignored.append((entry.origin, "the degree comes from the artifact's target block (a plain directory: 1)"))
         return None
     if key in ALIASES:
         key, convert = ALIASES[key]
