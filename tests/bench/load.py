@@ -40,11 +40,13 @@ class Result:
 class Run:
     results: list[Result] = field(default_factory=list)
     failures: int = 0
+    errors: list[str] = field(default_factory=list)  # the first few failures, for the report
     wall: float = 0.0
 
     def merge(self, other: Run) -> None:
         self.results += other.results
         self.failures += other.failures
+        self.errors = (self.errors + other.errors)[:3]
         self.wall += other.wall
 
     def summary(self) -> dict[str, float]:
@@ -113,8 +115,10 @@ async def run(base: str, model: str, requests: int, concurrency: int, max_tokens
                 prompt = todo.pop()
                 try:
                     out.results.append(await one(client, model, prompt, max_tokens))
-                except (httpx.HTTPError, json.JSONDecodeError):
+                except (httpx.HTTPError, json.JSONDecodeError) as exc:
                     out.failures += 1
+                    if len(out.errors) < 3:
+                        out.errors.append(f"{type(exc).__name__}: {exc}")
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -141,6 +141,8 @@ def compare(args: argparse.Namespace, model_dir: Path, logs: Path) -> dict[str, 
         out = {}
         for name, run in runs.items():
             tokens = sum(x.tokens for x in run.results)
+            if run.errors:
+                log(f"{name} failures (first {len(run.errors)}): {run.errors}")
             out[name] = run.summary() | {
                 "server_cpu_us_per_token": 1e6 * cpu[name] / tokens if tokens else float("nan"),
                 "round_min_tok_s": min(rounds[name]),
