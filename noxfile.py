@@ -60,11 +60,24 @@ def demo(session: nox.Session) -> None:
     session.run(str(bin_dir / "python"), "tests/demo.py", *session.posargs, env=_env(bin_dir), external=True)
 
 
-@nox.session
+# `nox -s bench` runs every part; `nox -s bench -- serve s3` runs the named ones. Each part measures kiln against
+# its peer in the same run and prints ratios.
+BENCH_PARTS = {
+    "serve": "tests.bench.serve_bench",  # vLLM's own OpenAI server vs python -m runtime serve; transformers engine
+    "s3": "tests.bench.s3_pull",  # S3 pull vs boto3 download_file; publish and no-op re-publish
+}
+
+
+@nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """Benchmarks against their peer in the same run: S3 pull vs boto3 download_file (tests/bench/s3_pull.py)."""
-    session.install("boto3>=1.36", "moto[server]>=5", "tqdm>=4.66")
-    session.run("python", "-m", "tests.bench.s3_pull", *session.posargs)
+    """Benchmarks (ratios against the peer measured in the same run). Args: part names (default: all)."""
+    bin_dir = shared_env(session)
+    unknown = [p for p in session.posargs if p not in BENCH_PARTS]
+    if unknown:
+        session.error(f"unknown bench part(s) {unknown}; known: {sorted(BENCH_PARTS)}")
+    for part in session.posargs or list(BENCH_PARTS):
+        session.log(f"bench part {part!r}")
+        session.run(str(bin_dir / "python"), "-m", BENCH_PARTS[part], env=_env(bin_dir), external=True)
 
 
 @nox.session

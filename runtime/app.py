@@ -1,72 +1,129 @@
-"""Wire a resolved model to an engine and the HTTP server, and run it under uvicorn."""
+"""Wire a resolved model and its configuration to an engine and the HTTP server, and run it under uvicorn."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from artifacts.errors import ArtifactError
+from runtime.config import (
+    ConfigError,
+    Entry,
+    Resolved,
+    ServeConfig,
+    Sources,
+    artifact_entries,
+    cli_entries,
+    locate,
+    properties_in,
+    read_env,
+    redirect,
+    resolve_config,
+)
 from runtime.engines import ENGINES
 from runtime.engines.base import EngineSettings
-from runtime.host import check_target, detect
-from runtime.resolve import ResolvedModel
-from runtime.server import create_app
-from runtime.service import GenerationDefaults, ModelService
+from runtime.host import Host, TargetMismatchError, check_target, detect
+from runtime.metrics import Metrics
+from runtime.resolve import ResolvedModel, resolve
+from runtime.server import ServerOptions, create_app
+from runtime.service import GenerationDefaults, ModelService, ServiceOptions
 
 log = logging.getLogger("kiln.runtime")
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    served_model_name: str | None = None
-    max_model_len: int | None = None
-    max_num_seqs: int | None = None
-    dtype: str | None = None
-    enforce_eager: bool | None = None
-    kv_cache_gib: float | None = None
-    chat_template: str | None = None
-    graceful_timeout_s: float = 30.0
+def configure(cli: Mapping[str, Any], options: list[str], env: Mapping[str, str]) -> tuple[ResolvedModel, Resolved]:
+    """Find and verify the model, then resolve the configuration from every source (see runtime.config)."""
+    location = locate(cli.get("model"), env)
+    first_dir = Path(location.target).expanduser()
+    if location.sagemaker and not first_dir.is_dir():
+        raise ArtifactError(
+            f"no model given and SageMaker's model directory {first_dir} does not exist: pass an artifact URI or "
+            "directory, or set SM_MODEL_DIR or HF_MODEL_ID"
+        )
+    props = properties_in(first_dir) if first_dir.is_dir() else []
+    location = redirect(location, props)
+    model = resolve(location.target)
+    if not props and model.path != first_dir.resolve():
+        props = properties_in(model.path)
+    env_entries, hints = read_env(env)
+    sources = Sources(
+        artifact=artifact_entries(model.manifest),
+        properties=props,
+        env=env_entries,
+        cli=cli_entries(cli, options),
+        hints=hints,
+        located=[Entry("model", location.target, location.origin)],
+    )
+    return model, resolve_config(sources, model.manifest, _native_keys, sagemaker=location.sagemaker)
 
 
-def plan(model: ResolvedModel, opts: ServeOptions) -> tuple[str, EngineSettings]:
-    """Check the artifact against this host and resolve engine settings (artifact defaults < options)."""
-    host = detect()
+def _native_keys(engine: str) -> set[str]:
+    spec = ENGINES.get(engine)
+    if spec is None:
+        raise KeyError(f"no engine {engine!r} (known: {sorted(ENGINES)})")
+    return spec.native_keys()
+
+
+def plan(model: ResolvedModel, cfg: ServeConfig, host: Host | None = None) -> tuple[str, EngineSettings]:
+    """Check the artifact against this host and derive the engine settings (the target block fills what the
+    configuration leaves open). Raises TargetMismatchError naming the first target field that does not fit."""
+    host = host or detect()
     if model.manifest is None:
-        engine, device, serving, target_len, dtype, tp = "vllm", host.devices[0], {}, None, "auto", 1
+        engine = cfg.engine or "vllm"
+        spec = ENGINES.get(engine)
+        if spec is None or spec.installed_version() is None:
+            known = sorted(ENGINES)
+            raise TargetMismatchError("engine", f"{engine!r} is not an installed engine here (known: {known})")
+        device, dtype, tp, max_len = host.devices[0], str(cfg.dtype), cfg.tensor_parallel_degree or 1, cfg.max_model_len
+        if tp > host.count(device):
+            raise TargetMismatchError(
+                "tensor_parallel_degree", f"{tp} {device} devices wanted, this host has {host.count(device)}"
+            )
     else:
         t = model.manifest.target
         device = check_target(t, host)
-        engine, serving, target_len, dtype, tp = (
-            t.engine,
-            dict(model.manifest.serving),
-            t.max_model_len,
-            t.dtype,
-            t.tensor_parallel_degree,
-        )
-    max_len = opts.max_model_len or serving.get("max_model_len") or target_len
-    if target_len and max_len and max_len > target_len:
-        raise ValueError(f"max_model_len={max_len} exceeds the artifact's target.max_model_len={target_len}")
+        engine, tp = t.engine, t.tensor_parallel_degree
+        dtype = t.dtype if cfg.dtype == "auto" else str(cfg.dtype)
+        max_len = cfg.max_model_len or t.max_model_len
     settings = EngineSettings(
         model_dir=model.path,
         device=device,
-        dtype=opts.dtype or dtype,
+        dtype=dtype,
         max_model_len=max_len,
-        max_num_seqs=opts.max_num_seqs or int(serving.get("max_num_seqs", 32)),
+        max_num_seqs=cfg.max_num_seqs,
         tensor_parallel_degree=tp,
-        enforce_eager=opts.enforce_eager
-        if opts.enforce_eager is not None
-        else bool(serving.get("enforce_eager", False)),
-        kv_cache_gib=opts.kv_cache_gib,
+        enforce_eager=cfg.enforce_eager,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        enable_chunked_prefill=cfg.enable_chunked_prefill,
+        kv_cache_gib=cfg.kv_cache_gib,
+        extra=dict(cfg.engine_args),
     )
     return engine, settings
 
 
+def chat_template(resolved: Resolved) -> str | None:
+    """``chat_template`` is a file path or the template itself (LMI and vLLM accept both)."""
+    value = resolved.config.chat_template
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ConfigError([f"{resolved.origin('chat_template')}={value!r}: no such file, and not a Jinja template"])
+
+
 async def load_service(
-    model: ResolvedModel, engine_name: str, settings: EngineSettings, opts: ServeOptions
+    model: ResolvedModel,
+    engine_name: str,
+    settings: EngineSettings,
+    resolved: Resolved,
+    template: str | None,
+    metrics: Metrics,
 ) -> ModelService:
     from transformers import AutoTokenizer
 
@@ -74,13 +131,15 @@ async def load_service(
     log.info("starting %s engine for %s on %s", engine_name, model.name, settings.device)
     await engine.start()
     tokenizer = AutoTokenizer.from_pretrained(str(model.path))
-    chat_template = Path(opts.chat_template).read_text() if opts.chat_template else None
+    cfg = resolved.config
     return ModelService(
         engine,
         tokenizer,
-        opts.served_model_name or model.name,
+        cfg.served_model_name or model.name,
         GenerationDefaults.from_config(_generation_config(model.path)),
-        chat_template=chat_template,
+        chat_template=template,
+        options=ServiceOptions(cfg.predict_timeout, cfg.output_formatter, cfg.tgi_compat),
+        metrics=metrics,
     )
 
 
@@ -109,10 +168,12 @@ def _server_class() -> type:
     return Server
 
 
-def serve(model: ResolvedModel, engine_name: str, settings: EngineSettings, opts: ServeOptions) -> int:
+def serve(model: ResolvedModel, engine_name: str, settings: EngineSettings, resolved: Resolved) -> int:
     """Run the server until SIGTERM/SIGINT (exit 0 after draining) or a fatal engine failure (exit 1)."""
     import uvicorn
 
+    cfg = resolved.config
+    template = chat_template(resolved)
     exit_code = 0
     server: uvicorn.Server | None = None
     server_cls = _server_class()
@@ -123,17 +184,21 @@ def serve(model: ResolvedModel, engine_name: str, settings: EngineSettings, opts
         if server is not None:
             server.should_exit = True
 
-    app = create_app(lambda: load_service(model, engine_name, settings, opts), on_fatal)
+    app = create_app(
+        lambda metrics: load_service(model, engine_name, settings, resolved, template, metrics),
+        on_fatal,
+        ServerOptions(job_queue_size=cfg.job_queue_size, model_loading_timeout=cfg.model_loading_timeout),
+    )
     config = uvicorn.Config(
         app,
-        host=opts.host,
-        port=opts.port,
+        host=cfg.host,
+        port=cfg.port,
         log_config=None,
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=int(opts.graceful_timeout_s),
+        timeout_graceful_shutdown=int(cfg.graceful_timeout),
     )
     server = server_cls(config)
-    log.info("listening on http://%s:%d", opts.host, opts.port)
+    log.info("listening on http://%s:%d", cfg.host, cfg.port)
     server.run()
     return exit_code

@@ -55,6 +55,10 @@ class _OpenAISampling(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = None
+    structured_outputs: dict[str, Any] | None = Field(
+        default=None, description="vLLM's structured output constraint and options (json, regex, choice, grammar…)"
+    )
     user: str | None = None
 
     def stop_list(self) -> tuple[str, ...]:
@@ -125,7 +129,8 @@ class CompletionRequest(_OpenAISampling):
 
 
 class LmiParameters(BaseModel):
-    """LMI / TGI generation parameters; unknown keys are passed to the engine when it accepts them."""
+    """LMI / TGI generation parameters, plus the vLLM extras LMI passes through. Other keys go to the engine as
+    they are, and a key the engine does not know is refused (400) naming it."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -137,16 +142,42 @@ class LmiParameters(BaseModel):
     seed: int | None = None
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     stop_sequences: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None, description="TGI's name for stop_sequences")
     details: bool = False
     return_full_text: bool = False
     decoder_input_details: bool = False
     top_n_tokens: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    truncate: int | None = Field(default=None, ge=1, description="keep only the last N prompt tokens")
+    # vLLM extras
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    min_tokens: int | None = Field(default=None, ge=0)
+    stop_token_ids: list[int] | None = None
     ignore_eos_token: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        out: list[str] = []
+        for v in (self.stop_sequences, self.stop):
+            if v is not None:
+                out.extend([v] if isinstance(v, str) else v)
+        return tuple(out)
 
 
 class LmiRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    inputs: str
+    inputs: str = Field(min_length=1)
     parameters: LmiParameters = Field(default_factory=LmiParameters)
     stream: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> LmiRequest:
+        if self.stream and self.parameters.decoder_input_details:
+            raise ValueError("parameters.decoder_input_details is not supported with stream=true")
+        if self.stream and self.parameters.n > 1:
+            raise ValueError("parameters.n > 1 is not supported with stream=true")
+        return self

@@ -1,34 +1,53 @@
-"""The HTTP server: SageMaker (``/ping``, ``/invocations``), OpenAI (``/v1/*``) and LMI routes over one model.
+"""The HTTP server: SageMaker (``/ping``, ``/invocations``), OpenAI (``/v1/*``), LMI routes and ``/metrics``.
 
 The engine loads in the background after the server starts listening, so ``/ping`` answers 503 while it
 loads and 200 once it is ready. An engine that dies turns ``/ping`` to 503 and stops the process with a
-non-zero exit code, so an orchestrator restarts it.
+non-zero exit code, so an orchestrator restarts it. Generation requests pass an admission gate: beyond
+``job_queue_size`` in flight, a request is refused at once with 503.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime.engines.base import EngineDeadError
+from runtime import lmi
+from runtime.engines.base import EngineDeadError, EngineStats
 from runtime.errors import APIError
+from runtime.metrics import CONTENT_TYPE, Metrics
 from runtime.protocol import ChatCompletionRequest, CompletionRequest, LmiRequest
 from runtime.service import ModelService
 
 log = logging.getLogger("kiln.runtime")
 HEALTH_INTERVAL_S = 2.0
+DEAD_GRACE_S = 2.0  # after an engine death, answer /ping 503 this long before exiting (probes see "unhealthy")
 SSE = "text/event-stream"
-JSONLINES = "application/jsonlines"
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "ChatCompletionRequest": ChatCompletionRequest,
+    "CompletionRequest": CompletionRequest,
+    "LmiRequest": LmiRequest,
+}
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    job_queue_size: int = 1000
+    model_loading_timeout: float = 1800.0
 
 
 @dataclass
@@ -36,26 +55,52 @@ class ServerState:
     status: str = "loading"  # loading | ready | failed | dead
     service: ModelService | None = None
     error: str | None = None
-    exit_code: int = 0
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
-def create_app(load: Callable[[], Awaitable[ModelService]], on_fatal: Callable[[int], None]) -> FastAPI:
+class ErrorBody(BaseModel):
+    """OpenAI-style error object (LMI routes answer ``{"error": message, "code": status}``)."""
+
+    error: dict[str, Any]
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "invalid request; `param` names the field"},
+    404: {"model": ErrorBody, "description": "unknown model"},
+    408: {"model": ErrorBody, "description": "predict_timeout exceeded"},
+    503: {"model": ErrorBody, "description": "not ready, or job_queue_size requests already in flight"},
+}
+
+
+def create_app(
+    load: Callable[[Metrics], Awaitable[ModelService]],
+    on_fatal: Callable[[int], None],
+    options: ServerOptions | None = None,
+) -> FastAPI:
     """Build the app. ``load`` starts the engine; ``on_fatal(code)`` stops the server after a failure."""
+    opts = options or ServerOptions()
     state = ServerState()
+    metrics = Metrics(lambda: _engine_stats(state))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.tasks.append(asyncio.create_task(_load(state, load, on_fatal)))
+        state.tasks.append(asyncio.create_task(_load(state, lambda: load(metrics), on_fatal, opts)))
         yield
         for task in state.tasks:
             task.cancel()
         if state.service is not None:
             await state.service.engine.shutdown()
 
-    app = FastAPI(title="kiln runtime", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="kiln runtime",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="SageMaker, LMI and OpenAI-compatible serving of one kiln artifact.",
+    )
     app.state.kiln = state
+    app.add_middleware(Admission, limit=opts.job_queue_size, metrics=metrics)
     _install_error_handlers(app)
+    _install_openapi(app)
 
     def service() -> ModelService:
         if state.status != "ready" or state.service is None:
@@ -64,7 +109,7 @@ def create_app(load: Callable[[], Awaitable[ModelService]], on_fatal: Callable[[
             )
         return state.service
 
-    @app.get("/ping", include_in_schema=True)
+    @app.get("/ping", summary="Health: 200 when the engine is loaded and healthy, else 503")
     async def ping() -> JSONResponse:
         if state.status == "ready":
             return JSONResponse({"status": "healthy"})
@@ -74,7 +119,11 @@ def create_app(load: Callable[[], Awaitable[ModelService]], on_fatal: Callable[[
 
     app.add_api_route("/health", ping, methods=["GET"], include_in_schema=False)
 
-    @app.get("/v1/models")
+    @app.get("/metrics", summary="Prometheus metrics (kiln_* and the engine's own)")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", responses={503: ERRORS[503]})
     async def models() -> dict[str, Any]:
         svc = service()
         return {
@@ -90,25 +139,31 @@ def create_app(load: Callable[[], Awaitable[ModelService]], on_fatal: Callable[[
             ],
         }
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat(req: ChatCompletionRequest) -> Any:
+    @app.post("/v1/chat/completions", response_model=None, responses=ERRORS)
+    async def chat(req: ChatCompletionRequest, request: Request) -> Any:
         svc = service()
         if req.stream:
-            return StreamingResponse(await svc.chat_stream(req), media_type=SSE)
-        return await svc.chat(req)
+            return EventStream(await svc.chat_stream(req), media_type=SSE)
+        return await _until_disconnect(request, svc.chat(req))
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions(req: CompletionRequest) -> Any:
+    @app.post("/v1/completions", response_model=None, responses=ERRORS)
+    async def completions(req: CompletionRequest, request: Request) -> Any:
         svc = service()
         if req.stream:
-            return StreamingResponse(await svc.completion_stream(req), media_type=SSE)
-        return await svc.completion(req)
+            return EventStream(await svc.completion_stream(req), media_type=SSE)
+        return await _until_disconnect(request, svc.completion(req))
 
-    @app.post("/invocations", response_model=None)
+    invoke_doc = {"requestBody": _union_body()}
+
+    @app.post(
+        "/invocations", response_model=None, responses=ERRORS, openapi_extra=invoke_doc, summary="SageMaker: any schema"
+    )
     async def invocations(request: Request) -> Any:
         return await _invoke(service(), request)
 
-    @app.post("/predictions/{model_name}", response_model=None)
+    @app.post(
+        "/predictions/{model_name}", response_model=None, responses=ERRORS, openapi_extra=invoke_doc, summary="LMI"
+    )
     async def predictions(model_name: str, request: Request) -> Any:
         svc = service()
         if model_name != svc.served_name:
@@ -120,6 +175,44 @@ def create_app(load: Callable[[], Awaitable[ModelService]], on_fatal: Callable[[
         return await _invoke(svc, request)
 
     return app
+
+
+def _engine_stats(state: ServerState) -> EngineStats | None:
+    return state.service.engine.stats() if state.service is not None else None
+
+
+class EventStream(StreamingResponse):
+    """A streaming response that always closes its body iterator, so that a client disconnect or a shutdown ends
+    the request in the engine at once instead of whenever the generator is garbage-collected."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await asyncio.shield(aclose())
+
+
+async def _until_disconnect(request: Request, work: Coroutine[Any, Any, Any]) -> Any:
+    """Run a non-streaming generation, cancelling it (and so aborting it in the engine) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return Response(status_code=499)  # nobody reads it: the client closed the connection
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _invoke(svc: ModelService, request: Request) -> Any:
@@ -135,18 +228,18 @@ async def _invoke(svc: ModelService, request: Request) -> Any:
         if "messages" in body:
             chat_req = ChatCompletionRequest.model_validate(body)
             if chat_req.stream:
-                return StreamingResponse(await svc.chat_stream(chat_req), media_type=SSE)
-            return await svc.chat(chat_req)
+                return EventStream(await svc.chat_stream(chat_req), media_type=SSE)
+            return await _until_disconnect(request, svc.chat(chat_req))
         if "prompt" in body:
             cmpl_req = CompletionRequest.model_validate(body)
             if cmpl_req.stream:
-                return StreamingResponse(await svc.completion_stream(cmpl_req), media_type=SSE)
-            return await svc.completion(cmpl_req)
+                return EventStream(await svc.completion_stream(cmpl_req), media_type=SSE)
+            return await _until_disconnect(request, svc.completion(cmpl_req))
         if "inputs" in body:
             lmi_req = LmiRequest.model_validate(body)
             if lmi_req.stream:
-                return StreamingResponse(await svc.lmi_stream(lmi_req), media_type=JSONLINES)
-            return await svc.lmi(lmi_req)
+                return EventStream(await lmi.stream(svc, lmi_req), media_type=lmi.stream_media_type(svc))
+            return await _until_disconnect(request, lmi.generate(svc, lmi_req))
     except ValidationError as exc:
         raise _validation_error(exc.errors()) from exc
     raise APIError(
@@ -167,8 +260,8 @@ def _validation_error(errors: Any) -> APIError:
 
 def _install_error_handlers(app: FastAPI) -> None:
     def render(request: Request, err: APIError) -> JSONResponse:
-        lmi = getattr(request.state, "lmi", False)
-        return JSONResponse(err.lmi_body() if lmi else err.openai_body(), status_code=err.status)
+        lmi_route = getattr(request.state, "lmi", False)
+        return JSONResponse(err.lmi_body() if lmi_route else err.openai_body(), status_code=err.status)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
@@ -189,19 +282,135 @@ def _install_error_handlers(app: FastAPI) -> None:
             APIError(405, f"{request.method} is not allowed on {request.url.path}", kind="MethodNotAllowedError"),
         )
 
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> Response:
+        log.error("request failed: %s", exc, exc_info=True)
+        return render(request, APIError(500, f"internal error: {type(exc).__name__}"))
+
+
+# -- admission, request metrics -----------------------------------------------------------------------------------
+
+GENERATION_PATHS = ("/invocations", "/v1/chat/completions", "/v1/completions")
+
+
+def _is_generation(scope: Scope) -> bool:
+    path = scope.get("path", "")
+    return scope.get("method") == "POST" and (path in GENERATION_PATHS or path.startswith("/predictions/"))
+
+
+class Admission:
+    """Pure ASGI middleware: counts every request by route and status, and bounds generation requests in flight
+    (``job_queue_size``): one more is refused at once with 503, before its body is read."""
+
+    def __init__(self, app: ASGIApp, limit: int, metrics: Metrics) -> None:
+        self.app = app
+        self.limit = limit
+        self.metrics = metrics
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        gated = _is_generation(scope)
+        try:
+            if gated and self.in_flight >= self.limit:
+                await self._refuse(scope, send_status)
+                return
+            if gated:
+                self.in_flight += 1
+                self.metrics.in_flight.set(self.in_flight)
+            try:
+                await self.app(scope, receive, send_status)
+            finally:
+                if gated:
+                    self.in_flight -= 1
+                    self.metrics.in_flight.set(self.in_flight)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or (scope["path"] if gated else "other")
+            self.metrics.requests.labels(route=label, status=str(status[0])).inc()
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        err = APIError(
+            503,
+            f"the server is at capacity: {self.limit} requests in flight (job_queue_size); retry later",
+        )
+        body = err.openai_body() if scope["path"].startswith("/v1/") else err.lmi_body()
+        await JSONResponse(body, status_code=503, headers={"retry-after": "1"})(scope, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+# -- OpenAPI --------------------------------------------------------------------------------------------------------
+
+
+def _union_body() -> dict[str, Any]:
+    refs = [{"$ref": f"#/components/schemas/{name}"} for name in SCHEMAS]
+    return {"required": True, "content": {"application/json": {"schema": {"oneOf": refs}}}}
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """FastAPI's document, plus the schemas /invocations accepts (it reads its body itself to pick one)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
+            # Invalid bodies are answered 400 with an error object naming the field, never FastAPI's 422.
+            for ops in doc.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            for name, model in SCHEMAS.items():
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(schema.pop("$defs", {}))
+                components.setdefault(name, schema)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+# -- loading and health -----------------------------------------------------------------------------------------
+
 
 async def _load(
-    state: ServerState, load: Callable[[], Awaitable[ModelService]], on_fatal: Callable[[int], None]
+    state: ServerState,
+    load: Callable[[], Awaitable[ModelService]],
+    on_fatal: Callable[[int], None],
+    opts: ServerOptions,
 ) -> None:
+    started = time.monotonic()
     try:
-        state.service = await load()
+        state.service = await asyncio.wait_for(load(), timeout=opts.model_loading_timeout)
+    except TimeoutError:
+        state.status = "failed"
+        state.error = f"the engine did not load within model_loading_timeout={opts.model_loading_timeout:g}s"
+        log.error("model failed to load: %s", state.error)
+        on_fatal(1)
+        return
     except Exception as exc:
         state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
         log.error("model failed to load: %s", state.error, exc_info=log.isEnabledFor(logging.DEBUG))
         on_fatal(1)
         return
+    # The startup heap (torch, the engine, the tokenizer: millions of objects) is static from here on; freezing it
+    # keeps full garbage collections, and so latency spikes while serving, short (vLLM's server does the same).
+    gc.collect()
+    gc.freeze()
     state.status = "ready"
-    log.info("ready: serving %s", state.service.served_name)
+    log.info("ready: serving %s (loaded in %.1fs)", state.service.served_name, time.monotonic() - started)
     await _watch(state, on_fatal)
 
 
@@ -215,5 +424,6 @@ async def _watch(state: ServerState, on_fatal: Callable[[int], None]) -> None:
         except EngineDeadError as exc:
             state.status, state.error = "dead", str(exc)
             log.error("engine died: %s; exiting so the orchestrator restarts this server", exc)
+            await asyncio.sleep(DEAD_GRACE_S)
             on_fatal(1)
             return

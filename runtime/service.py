@@ -1,17 +1,20 @@
 """The model service: turns validated API requests into engine calls and engine output into API responses.
 
 One instance serves one model. It owns the tokenizer (prompts are rendered and tokenized here, so length
-limits are checked before the engine sees a request), the engine, and the served model name.
+limits are checked before the engine sees a request), the engine, and the served model name. Every generation
+goes through :meth:`ModelService.stream`, which enforces ``predict_timeout``, aborts the engine request when its
+consumer goes away, and feeds the latency metrics. LMI response forms live in :mod:`runtime.lmi`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.engines.base import (
@@ -24,10 +27,14 @@ from runtime.engines.base import (
     TokenInfo,
 )
 from runtime.errors import APIError
-from runtime.protocol import ChatCompletionRequest, CompletionRequest, LmiRequest, _OpenAISampling
+from runtime.metrics import Metrics, RequestTimer
+from runtime.protocol import ChatCompletionRequest, CompletionRequest, _OpenAISampling
 
 log = logging.getLogger("kiln.runtime")
-LMI_FINISH = {"length": "length", "stop": "eos_token", "abort": "error", "error": "error"}
+# Engine parameter names (SamplingSpec's, vLLM's) as the OpenAI APIs call them.
+OPENAI_NAMES = {"structured": "response_format", "max_tokens": "max_tokens"}
+OPENAI_CHAT_NAMES = {**OPENAI_NAMES, "logprobs": "top_logprobs"}
+STRUCTURED_CONSTRAINTS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 
 
 @dataclass
@@ -49,6 +56,15 @@ class GenerationDefaults:
             top_k=int(cfg.get("top_k", 0) or 0),
             repetition_penalty=float(cfg.get("repetition_penalty", 1.0)),
         )
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """The serving settings the request path needs (from the resolved configuration)."""
+
+    predict_timeout: float = 240.0
+    output_formatter: str = "json"  # LMI: json | jsonlines | sse
+    tgi_compat: bool = False
 
 
 @dataclass
@@ -93,13 +109,18 @@ class ModelService:
         served_name: str,
         defaults: GenerationDefaults,
         chat_template: str | None = None,
+        options: ServiceOptions | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.served_name = served_name
         self.defaults = defaults
         self.chat_template = chat_template
+        self.options = options or ServiceOptions()
+        self.metrics = metrics
         self.created = int(time.time())
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
 
     # -- prompts -------------------------------------------------------------------------------------------
     def check_model(self, requested: str | None) -> None:
@@ -137,12 +158,15 @@ class ModelService:
     def budget(self, prompt_ids: list[int], requested: int | None, param: str = "max_tokens") -> int:
         """Check prompt + output against the context length; return the effective max_tokens."""
         limit = self.engine.max_model_len
+        prompt_param = "messages" if param == "max_completion_tokens" else "prompt"
+        if param.startswith("parameters."):
+            prompt_param = "inputs"
         if len(prompt_ids) >= limit:
             raise APIError(
                 400,
                 f"This model's maximum context length is {limit} tokens, but the prompt has "
                 f"{len(prompt_ids)} tokens. Shorten the prompt.",
-                param="messages" if param == "max_completion_tokens" else "prompt",
+                param=prompt_param,
             )
         room = limit - len(prompt_ids)
         if requested is None:
@@ -157,17 +181,18 @@ class ModelService:
             )
         return requested
 
-    def openai_spec(self, req: _OpenAISampling, max_tokens: int, logprobs: int | None) -> SamplingSpec:
+    def openai_spec(
+        self, req: _OpenAISampling, max_tokens: int, logprobs: int | None, chat: bool = False
+    ) -> SamplingSpec:
         d = self.defaults
-        schema, json_object = None, False
-        if req.response_format is not None and req.response_format.type == "json_schema":
-            spec = req.response_format.json_schema
-            if spec is None or spec.schema_ is None:
-                raise APIError(400, "response_format.json_schema.schema is required", param="response_format")
-            schema = spec.schema_
-        elif req.response_format is not None and req.response_format.type == "json_object":
-            json_object = True
-        return self._validated(
+        structured = self._structured(req)
+        extra: dict[str, Any] = {}
+        if req.logit_bias:
+            try:
+                extra["logit_bias"] = {int(k): float(v) for k, v in req.logit_bias.items()}
+            except ValueError as exc:
+                raise APIError(400, "logit_bias keys must be token ids", param="logit_bias") from exc
+        return self.validated(
             SamplingSpec(
                 max_tokens=max_tokens,
                 n=req.n,
@@ -186,34 +211,95 @@ class ModelService:
                 min_tokens=req.min_tokens,
                 skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
-                json_schema=schema,
-                json_object=json_object,
-            )
+                structured=structured,
+                extra=extra,
+            ),
+            lambda name: (OPENAI_CHAT_NAMES if chat else OPENAI_NAMES).get(name, name),
         )
 
-    def _validated(self, spec: SamplingSpec) -> SamplingSpec:
+    @staticmethod
+    def _structured(req: _OpenAISampling) -> dict[str, Any] | None:
+        """``response_format`` (OpenAI) and ``structured_outputs`` (vLLM's extension) as one constraint."""
+        out = dict(req.structured_outputs or {})
+        fmt = req.response_format
+        if fmt is not None and fmt.type != "text":
+            if any(k in out for k in STRUCTURED_CONSTRAINTS):
+                raise APIError(
+                    400, "use response_format or a structured_outputs constraint, not both", param="response_format"
+                )
+            if fmt.type == "json_object":
+                out["json_object"] = True
+            elif fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise APIError(400, "response_format.json_schema.schema is required", param="response_format")
+            else:
+                out["json"] = fmt.json_schema.schema_
+        return out or None
+
+    def validated(self, spec: SamplingSpec, names: Callable[[str], str] = str) -> SamplingSpec:
+        """Let the engine refuse what it cannot do; ``names`` maps engine parameter names to the API's fields."""
         try:
             self.engine.validate(spec)
         except EngineRequestError as exc:
-            raise APIError(400, str(exc)) from exc
+            raise APIError(400, str(exc), param=names(exc.param) if exc.param else None) from exc
         return spec
 
     # -- generation ----------------------------------------------------------------------------------------
-    async def stream(self, prompt_ids: list[int], spec: SamplingSpec) -> AsyncIterator[EngineOutput]:
+    async def stream(self, prompt_ids: list[int], spec: SamplingSpec, arrived: float) -> AsyncIterator[EngineOutput]:
+        """Run one request in the engine. The request is aborted in the engine when ``predict_timeout`` (counted
+        from ``arrived``) passes, and when this iterator is closed or cancelled before the engine finished."""
         request_id = uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        timer = RequestTimer(self.metrics, arrived)
+        expired = False
+        aborts: list[asyncio.Task[None]] = []  # keeps the abort task referenced until it ran
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            aborts.append(loop.create_task(self.engine.abort(request_id)))
+
+        remaining = self.options.predict_timeout - (time.perf_counter() - arrived)
+        deadline = loop.call_later(max(remaining, 0.0), expire)
+        outputs = self.engine.generate(request_id, prompt_ids, spec)
+        finished = False
         try:
-            async for out in self.engine.generate(request_id, prompt_ids, spec):
+            async for out in outputs:
+                if expired:
+                    break
+                timer.observe(out)
+                finished = out.finished
                 yield out
         except EngineRequestError as exc:
-            raise APIError(400, str(exc)) from exc
+            raise APIError(400, str(exc), param=exc.param) from exc  # mid-stream: in-band, name as the engine did
         except EngineDeadError as exc:
             raise APIError(503, f"the engine is not available: {exc}") from exc
         except EngineError as exc:
             raise APIError(424, f"generation failed: {exc}") from exc
+        finally:
+            deadline.cancel()
+            timer.done()
+            if not finished:
+                # The consumer went away (client disconnect, cancelled task) or the deadline passed: free the
+                # engine's slot. Shielded, because a cancelled consumer may be cancelled again at every await.
+                await asyncio.shield(self._release(outputs, request_id))
+        if expired and not finished:
+            raise APIError(
+                408,
+                f"the request did not finish within predict_timeout={self.options.predict_timeout:g}s",
+                param="predict_timeout",
+            )
 
-    async def collect(self, prompt_ids: list[int], spec: SamplingSpec) -> Generation:
+    async def _release(self, outputs: AsyncIterator[EngineOutput], request_id: str) -> None:
+        aclose = getattr(outputs, "aclose", None)
+        try:
+            if aclose is not None:
+                await aclose()
+        finally:
+            await self.engine.abort(request_id)
+
+    async def collect(self, prompt_ids: list[int], spec: SamplingSpec, arrived: float) -> Generation:
         gen = Generation(n=spec.n)
-        async for out in self.stream(prompt_ids, spec):
+        async for out in self.stream(prompt_ids, spec, arrived):
             gen.add(out)
         return gen
 
@@ -225,11 +311,12 @@ class ModelService:
             ids, req.token_budget(), "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         )
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return ids, self.openai_spec(req, max_tokens, logprobs)
+        return ids, self.openai_spec(req, max_tokens, logprobs, chat=True)
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        arrived = time.perf_counter()
         ids, spec = self.prepare_chat(req)
-        gen = await self.collect(ids, spec)
+        gen = await self.collect(ids, spec, arrived)
         choices = [
             {
                 "index": i,
@@ -250,53 +337,53 @@ class ModelService:
         }
 
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
+        arrived = time.perf_counter()
         ids, spec = self.prepare_chat(req)
-        rid, created = _id("chatcmpl"), int(time.time())
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-            body: dict[str, Any] = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": self.served_name,
-                "choices": choices,
-            }
-            if include_usage:
-                body["usage"] = usage
-            return _sse(body)
-
-        return self._guarded_stream(self._chat_events(ids, spec, req, chunk, include_usage))
+        return self._guarded_stream(self._chat_events(ids, spec, req, arrived))
 
     async def _chat_events(
-        self, ids: list[int], spec: SamplingSpec, req: ChatCompletionRequest, chunk: Any, include_usage: bool
+        self, ids: list[int], spec: SamplingSpec, req: ChatCompletionRequest, arrived: float
     ) -> AsyncIterator[str]:
+        rid, created = _id("chatcmpl"), int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = include_usage and bool(req.stream_options and req.stream_options.continuous_usage_stats)
+        # The constant part of every chunk, serialized once: only the choices change per chunk.
+        head = json.dumps(
+            {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.served_name},
+            separators=(",", ":"),
+        )[:-1]
+
+        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+            tail = f',"usage":{json.dumps(usage, separators=(",", ":"))}' if include_usage else ""
+            return f'data: {head},"choices":{json.dumps(choices, separators=(",", ":"))}{tail}}}\n\n'
+
         yield chunk(
             [
                 {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 for i in range(spec.n)
-            ]
+            ],
+            _usage(len(ids), 0) if continuous else None,
         )
         completion = 0
         prompt_tokens = len(ids)
-        async for out in self.stream(ids, spec):
+        async for out in self.stream(ids, spec, arrived):
             prompt_tokens = out.prompt_tokens or prompt_tokens
             choices = []
             for d in out.deltas:
                 completion += len(d.tokens)
                 if not d.text and not d.finish_reason and not d.tokens:
                     continue
-                choices.append(
-                    {
-                        "index": d.index,
-                        "delta": {"content": d.text} if d.text or not d.finish_reason else {},
-                        "logprobs": {"content": [_chat_lp(t) for t in d.tokens]} if req.logprobs else None,
-                        "finish_reason": _openai_finish(d.finish_reason),
-                        **({"stop_reason": d.stop_reason} if d.finish_reason else {}),
-                    }
-                )
+                choice: dict[str, Any] = {
+                    "index": d.index,
+                    "delta": {"content": d.text} if d.text or not d.finish_reason else {},
+                    "logprobs": {"content": [_chat_lp(t) for t in d.tokens]} if req.logprobs else None,
+                    "finish_reason": _openai_finish(d.finish_reason),
+                }
+                if d.finish_reason:
+                    choice["stop_reason"] = d.stop_reason
+                choices.append(choice)
             if choices:
-                yield chunk(choices)
+                yield chunk(choices, _usage(prompt_tokens, completion) if continuous else None)
         if include_usage:
             yield chunk([], _usage(prompt_tokens, completion))
 
@@ -310,12 +397,12 @@ class ModelService:
         return jobs
 
     async def completion(self, req: CompletionRequest) -> dict[str, Any]:
+        arrived = time.perf_counter()
         jobs = self.prepare_completion(req)
-        choices, prompt_total, completion_total = [], 0, 0
-        for p, (ids, spec) in enumerate(jobs):
-            gen = await self.collect(ids, spec)
-            prompt_total += gen.prompt_tokens
-            completion_total += gen.completion_tokens
+        # A list of prompts runs concurrently: the engine batches them.
+        gens = await asyncio.gather(*(self.collect(ids, spec, arrived) for ids, spec in jobs))
+        choices = []
+        for p, ((ids, spec), gen) in enumerate(zip(jobs, gens, strict=True)):
             prefix = self.tokenizer.decode(ids) if req.echo else ""
             for i in range(spec.n):
                 choices.append(
@@ -333,168 +420,56 @@ class ModelService:
             "created": int(time.time()),
             "model": self.served_name,
             "choices": choices,
-            "usage": _usage(prompt_total, completion_total),
+            "usage": _usage(sum(g.prompt_tokens for g in gens), sum(g.completion_tokens for g in gens)),
         }
 
     async def completion_stream(self, req: CompletionRequest) -> AsyncIterator[str]:
+        arrived = time.perf_counter()
         jobs = self.prepare_completion(req)
-        return self._guarded_stream(self._completion_events(jobs, req))
+        return self._guarded_stream(self._completion_events(jobs, req, arrived))
 
     async def _completion_events(
-        self, jobs: list[tuple[list[int], SamplingSpec]], req: CompletionRequest
+        self, jobs: list[tuple[list[int], SamplingSpec]], req: CompletionRequest, arrived: float
     ) -> AsyncIterator[str]:
         rid, created = _id("cmpl"), int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        head = json.dumps(
+            {"id": rid, "object": "text_completion", "created": created, "model": self.served_name},
+            separators=(",", ":"),
+        )[:-1]
+
+        def chunk(index: int, text: str, lp: Any, finish: str | None) -> str:
+            choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": _openai_finish(finish)}
+            return f'data: {head},"choices":[{json.dumps(choice, separators=(",", ":"))}]}}\n\n'
+
         prompt_total = completion_total = 0
         for p, (ids, spec) in enumerate(jobs):
             if req.echo:
                 for i in range(spec.n):
-                    yield _sse(self._cmpl_chunk(rid, created, p * spec.n + i, self.tokenizer.decode(ids), None, None))
-            async for out in self.stream(ids, spec):
+                    yield chunk(p * spec.n + i, self.tokenizer.decode(ids), None, None)
+            async for out in self.stream(ids, spec, arrived):
                 for d in out.deltas:
                     completion_total += len(d.tokens)
                     if d.text or d.finish_reason:
                         lp = _completion_lp(list(d.tokens)) if req.logprobs is not None else None
-                        yield _sse(self._cmpl_chunk(rid, created, p * spec.n + d.index, d.text, lp, d.finish_reason))
+                        yield chunk(p * spec.n + d.index, d.text, lp, d.finish_reason)
             prompt_total += len(ids)
         if include_usage:
-            yield _sse(
-                {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": self.served_name,
-                    "choices": [],
-                    "usage": _usage(prompt_total, completion_total),
-                }
-            )
-
-    def _cmpl_chunk(self, rid: str, created: int, index: int, text: str, lp: Any, finish: str | None) -> dict[str, Any]:
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": self.served_name,
-            "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": _openai_finish(finish)}],
-        }
+            yield f'data: {head},"choices":[],"usage":{json.dumps(_usage(prompt_total, completion_total))}}}\n\n'
 
     async def _guarded_stream(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
-        """SSE with in-band errors: once the 200 is sent, a failure becomes an error event, then [DONE]."""
+        """SSE with in-band errors: once the 200 is sent, a failure becomes an error event, then [DONE]. Only this
+        request fails: the engine keeps serving the others."""
         try:
             async for event in events:
                 yield event
         except APIError as exc:
             log.warning("stream failed: %s", exc.message)
             yield _sse(exc.openai_body())
+        except Exception as exc:  # a bug must not leave the client hanging without an end to its stream
+            log.error("stream failed unexpectedly", exc_info=True)
+            yield _sse(APIError(500, f"internal error: {type(exc).__name__}").openai_body())
         yield "data: [DONE]\n\n"
-
-    # -- LMI -----------------------------------------------------------------------------------------------
-    def prepare_lmi(self, req: LmiRequest) -> tuple[list[int], SamplingSpec]:
-        p = req.parameters
-        ids = self.encode(req.inputs, param="inputs")
-        max_tokens = self.budget(ids, p.max_new_tokens, "parameters.max_new_tokens")
-        sampling = p.do_sample is True or (p.do_sample is None and (p.temperature or 0) > 0)
-        stop = (p.stop_sequences,) if isinstance(p.stop_sequences, str) else tuple(p.stop_sequences or ())
-        want_lp = p.details or req.stream or p.top_n_tokens is not None
-        spec = SamplingSpec(
-            max_tokens=max_tokens,
-            seed=p.seed,
-            stop=stop,
-            temperature=(p.temperature if p.temperature is not None else self.defaults.temperature or 1.0)
-            if sampling
-            else 0.0,
-            top_p=p.top_p if p.top_p is not None else 1.0,
-            top_k=max(p.top_k or 0, 0),
-            repetition_penalty=p.repetition_penalty or 1.0,
-            logprobs=(p.top_n_tokens or 0) if want_lp else None,
-            prompt_logprobs=0 if p.decoder_input_details else None,
-            ignore_eos=bool(p.ignore_eos_token),
-        )
-        return ids, self._validated(_with_extras(spec, p.model_extra or {}))
-
-    async def lmi(self, req: LmiRequest) -> dict[str, Any]:
-        ids, spec = self.prepare_lmi(req)
-        gen = await self.collect(ids, spec)
-        p = req.parameters
-        text = (req.inputs if p.return_full_text else "") + gen.texts[0]
-        body: dict[str, Any] = {"generated_text": text}
-        if p.details or p.decoder_input_details:
-            body["details"] = self._lmi_details(gen, req, spec)
-        return body
-
-    async def lmi_stream(self, req: LmiRequest) -> AsyncIterator[str]:
-        ids, spec = self.prepare_lmi(req)
-        return self._lmi_events(ids, spec, req)
-
-    async def _lmi_events(self, ids: list[int], spec: SamplingSpec, req: LmiRequest) -> AsyncIterator[str]:
-        gen = Generation(n=1)
-        try:
-            async for out in self.stream(ids, spec):
-                gen.add(out)
-                for d in out.deltas:
-                    for i, tok in enumerate(d.tokens):
-                        line: dict[str, Any] = {"token": _lmi_token(tok)}
-                        if d.finish_reason and i == len(d.tokens) - 1:
-                            line["generated_text"] = (
-                                req.inputs if req.parameters.return_full_text else ""
-                            ) + gen.texts[0]
-                            line["details"] = self._lmi_details(gen, req, spec)
-                        yield json.dumps(line) + "\n"
-        except APIError as exc:
-            log.warning("stream failed: %s", exc.message)
-            yield (
-                json.dumps(
-                    {
-                        "token": {"id": -1, "text": "", "log_prob": -1, "special_token": True},
-                        "generated_text": None,
-                        "error": exc.message,
-                        "code": exc.status,
-                        "details": {
-                            "finish_reason": "error",
-                            "generated_tokens": gen.completion_tokens,
-                            "input_length": len(ids),
-                        },
-                    }
-                )
-                + "\n"
-            )
-
-    def _lmi_details(self, gen: Generation, req: LmiRequest, spec: SamplingSpec) -> dict[str, Any]:
-        finish = gen.finish[0]
-        if finish == "stop" and isinstance(gen.stop_reason[0], str):
-            finish_lmi = "stop_sequence"
-        else:
-            finish_lmi = LMI_FINISH.get(finish or "", finish or "length")
-        details: dict[str, Any] = {
-            "finish_reason": finish_lmi,
-            "generated_tokens": gen.completion_tokens,
-            "inputs": req.inputs,
-            "input_length": gen.prompt_tokens,
-            "seed": spec.seed,
-            "tokens": [_lmi_token(t) for t in gen.tokens[0]],
-        }
-        if req.parameters.top_n_tokens:
-            details["top_tokens"] = [
-                [{"id": i, "text": s, "log_prob": lp} for i, s, lp in t.top] for t in gen.tokens[0]
-            ]
-        if req.parameters.decoder_input_details and gen.prompt_logprobs is not None:
-            details["prefill"] = [
-                {"id": t.id, "text": t.text, "log_prob": t.logprob} if t else None for t in gen.prompt_logprobs
-            ]
-        return details
-
-
-def _with_extras(spec: SamplingSpec, extras: Mapping[str, Any]) -> SamplingSpec:
-    """LMI passes vLLM-only parameters (``min_p``, ``presence_penalty`` …) through to the engine."""
-    if not extras:
-        return spec
-    known = {f for f in SamplingSpec.__dataclass_fields__ if f != "extra"}
-    direct = {k: v for k, v in extras.items() if k in known}
-    rest = {k: v for k, v in extras.items() if k not in known}
-    try:
-        return replace(spec, **direct, extra=rest)
-    except TypeError as exc:
-        raise APIError(400, f"invalid parameter: {exc}", param="parameters") from exc
 
 
 def _id(prefix: str) -> str:
@@ -537,7 +512,3 @@ def _offsets(tokens: list[TokenInfo]) -> list[int]:
         out.append(pos)
         pos += len(t.text)
     return out
-
-
-def _lmi_token(t: TokenInfo) -> dict[str, Any]:
-    return {"id": t.id, "text": t.text, "log_prob": t.logprob}

@@ -65,6 +65,12 @@ def tiny_uri() -> str:
     return build()
 
 
+@pytest.fixture(scope="session")
+def tiny_hf_uri(tiny_uri: str) -> str:
+    """The tiny model built for the transformers engine (target.engine=transformers)."""
+    return build("target.engine=transformers", "model.name=tiny-llama-hf")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -87,7 +93,14 @@ class Server:
         return self.proc.wait(timeout=timeout)
 
 
-def start_server(model: str, tmp: Path, *extra: str, wait: bool = True, timeout: float = 600) -> Server:
+def start_server(
+    model: str,
+    tmp: Path,
+    *extra: str,
+    wait: bool = True,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+) -> Server:
     """Start ``python -m runtime serve`` on a free port; with ``wait`` poll /ping until 200 (recording codes)."""
     port = free_port()
     log = tmp / f"server-{port}.log"
@@ -98,6 +111,7 @@ def start_server(model: str, tmp: Path, *extra: str, wait: bool = True, timeout:
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
+            env={**os.environ, **(env or {})},
         )
     server = Server(proc, f"http://127.0.0.1:{port}", log, [])
     if wait:

@@ -22,7 +22,11 @@ class EngineDeadError(EngineError):
 
 
 class EngineRequestError(EngineError):
-    """The engine refused a request as invalid (maps to HTTP 400)."""
+    """The engine refused a request as invalid (maps to HTTP 400); ``param`` names the request field at fault."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,9 @@ class SamplingSpec:
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    json_schema: Mapping[str, Any] | None = None  # constrain output to this JSON schema
-    json_object: bool = False  # constrain output to any JSON object
+    # Structured output, in vLLM's StructuredOutputsParams terms: one constraint ("json" schema, "json_object",
+    # "regex", "choice", "grammar") plus options such as "disable_any_whitespace". None: unconstrained.
+    structured: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # engine-specific pass-through
 
 

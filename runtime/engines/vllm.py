@@ -47,11 +47,31 @@ def engine_kwargs(s: EngineSettings) -> dict[str, Any]:
         kwargs["enable_prefix_caching"] = s.enable_prefix_caching
     if s.enable_chunked_prefill is not None:
         kwargs["enable_chunked_prefill"] = s.enable_chunked_prefill
-    kv_gib = s.kv_cache_gib if s.kv_cache_gib is not None else (DEFAULT_CPU_KV_CACHE_GIB if s.device == "cpu" else None)
+    kv_gib = s.kv_cache_gib
+    if kv_gib is None and s.device == "cpu" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        kv_gib = DEFAULT_CPU_KV_CACHE_GIB  # vLLM's CPU platform needs a budget; its own env var wins if set
     if kv_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(kv_gib * GIB)
     kwargs.update(s.extra)
     return kwargs
+
+
+def typed_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pass-through values arrive as JSON; an ``AsyncEngineArgs`` field holding a config dataclass (e.g.
+    ``structured_outputs_config``) gets that dataclass built from a dict, as vLLM's own CLI parser does."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    fields = {f.name: f for f in dataclasses.fields(AsyncEngineArgs)}
+    out = dict(kwargs)
+    for key, value in kwargs.items():
+        f = fields.get(key)
+        if isinstance(value, dict) and f is not None and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default) and not isinstance(default, type):
+                out[key] = type(default)(**value)
+    return out
 
 
 def accepted_keys() -> set[str]:
@@ -70,6 +90,7 @@ class VllmEngine:
         self.settings = settings
         self.max_model_len = settings.max_model_len or 0
         self._llm: Any = None
+        self._sched: Any = None  # the engine core's latest SchedulerStats (running, waiting, KV usage)
 
     async def start(self) -> None:
         # vLLM's CPU platform refuses to start unless the KV cache fits a memory-utilization budget; the
@@ -87,8 +108,28 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(**engine_kwargs(self.settings))
-        return AsyncLLM.from_engine_args(args)
+        args = AsyncEngineArgs(**typed_kwargs(engine_kwargs(self.settings)))
+        return AsyncLLM.from_engine_args(args, stat_loggers=[self._stat_sink])
+
+    def _stat_sink(self, vllm_config: Any, engine_index: int = 0) -> Any:
+        """A vLLM stat logger that keeps the engine core's scheduler stats for ``stats()`` (vLLM's own
+        Prometheus logger still runs beside it and registers the ``vllm:*`` metrics)."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        engine = self
+
+        class Sink(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
+                if scheduler_stats is not None:
+                    engine._sched = scheduler_stats
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return Sink(vllm_config, engine_index)
 
     async def generate(self, request_id: str, prompt_ids: list[int], spec: SamplingSpec) -> AsyncIterator[EngineOutput]:
         from vllm.exceptions import VLLMValidationError
@@ -102,7 +143,7 @@ class VllmEngine:
         except VllmDead as exc:
             raise EngineDeadError(str(exc) or "the vLLM engine died") from exc
         except (VLLMValidationError, ValueError) as exc:
-            raise EngineRequestError(str(exc)) from exc
+            raise EngineRequestError(str(exc), getattr(exc, "parameter", None)) from exc
         except Exception as exc:
             if self._llm.errored:
                 raise EngineDeadError(str(self._llm.dead_error)) from exc
@@ -112,14 +153,11 @@ class VllmEngine:
         self._sampling_params(spec)
 
     def _sampling_params(self, spec: SamplingSpec) -> Any:
+        from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
-        structured = None
-        if spec.json_schema is not None:
-            structured = StructuredOutputsParams(json=dict(spec.json_schema))
-        elif spec.json_object:
-            structured = StructuredOutputsParams(json_object=True)
         try:
+            structured = StructuredOutputsParams(**spec.structured) if spec.structured else None
             return SamplingParams(
                 n=spec.n,
                 max_tokens=spec.max_tokens,
@@ -143,8 +181,8 @@ class VllmEngine:
                 output_kind=RequestOutputKind.DELTA,
                 **dict(spec.extra),
             )
-        except (ValueError, TypeError) as exc:
-            raise EngineRequestError(str(exc)) from exc
+        except (ValueError, TypeError, VLLMValidationError) as exc:
+            raise EngineRequestError(str(exc), getattr(exc, "parameter", None)) from exc
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
@@ -155,12 +193,20 @@ class VllmEngine:
             return
         if self._llm.errored:
             raise EngineDeadError(str(self._llm.dead_error))
-        await self._llm.check_health()
+        try:
+            await self._llm.check_health()
+        except Exception as exc:  # vLLM raises its own EngineDeadError (or worse) once the core is gone
+            raise EngineDeadError(f"{type(exc).__name__}: {exc}") from exc
 
     def stats(self) -> EngineStats:
-        if self._llm is None:
+        sched = self._sched
+        if self._llm is None or sched is None:
             return EngineStats(running=0, waiting=0)
-        return EngineStats(running=self._llm.get_num_unfinished_requests(), waiting=0)
+        return EngineStats(
+            running=int(sched.num_running_reqs),
+            waiting=int(sched.num_waiting_reqs + sched.num_skipped_waiting_reqs),
+            kv_cache_usage=float(sched.kv_cache_usage),
+        )
 
     async def shutdown(self) -> None:
         llm, self._llm = self._llm, None
@@ -184,9 +230,10 @@ def _convert(out: Any, k: int, k_prompt: int) -> EngineOutput:
         for c in out.outputs
     )
     prompt_lp = None
-    if out.prompt_logprobs is not None:
+    if out.prompt_logprobs:  # only the first DELTA output carries them (later ones: an empty list)
+        # The first prompt token has no logprob (nothing precedes it): vLLM gives None there.
         prompt_lp = tuple(
-            None if d is None else _token(int(t), d, k_prompt)
+            TokenInfo(id=int(t), text="") if d is None else _token(int(t), d, k_prompt)
             for t, d in zip(out.prompt_token_ids, out.prompt_logprobs, strict=True)
         )
     return EngineOutput(

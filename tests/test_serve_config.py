@@ -1,0 +1,294 @@
+"""The serving configuration: one precedence (artifact < serving.properties < environment < command line), LMI,
+TGI and SageMaker names, pass-through of engine-native keys, every problem in one message, the artifact's target
+block winning over contradicting values; and the response forms the configuration selects, on real servers."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from artifacts.manifest import Manifest, Target
+from runtime.config import (
+    ConfigError,
+    Entry,
+    Origin,
+    Sources,
+    artifact_entries,
+    read_env,
+    read_properties,
+    resolve_config,
+)
+from tests.conftest import Server, run_cli, start_server, wait_ready
+
+TARGET = Target("vllm", "", ("cpu",), "bfloat16", 1, 2048)
+
+
+def manifest(serving: dict[str, object] | None = None, **target: object) -> Manifest:
+    t = Target(**{**TARGET.__dict__, **target})  # type: ignore[arg-type]
+    return Manifest.create("tiny", [], t, serving or {}, {})
+
+
+def entries(source: str, **values: object) -> list[Entry]:
+    return [Entry(k, v, Origin(source, k)) for k, v in values.items()]
+
+
+def props(tmp_path: Path, text: str) -> list[Entry]:
+    f = tmp_path / "serving.properties"
+    f.write_text(text)
+    return read_properties(f)
+
+
+def accepts(*keys: str) -> object:
+    return lambda engine: set(keys)
+
+
+@pytest.mark.unit
+def test_each_source_overrides_the_one_below(tmp_path: Path) -> None:
+    m = manifest({"max_num_seqs": 16})
+    layers = Sources()
+    assert resolve_config(layers, None).config.max_num_seqs == 32  # default
+    steps = [
+        ("artifact", lambda: setattr(layers, "artifact", artifact_entries(m)), 16),
+        ("serving.properties", lambda: setattr(layers, "properties", props(tmp_path, "option.max_num_seqs=8\n")), 8),
+        ("env", lambda: setattr(layers, "env", read_env({"OPTION_MAX_NUM_SEQS": "4"})[0]), 4),
+        ("cli", lambda: setattr(layers, "cli", entries("cli", max_num_seqs=2)), 2),
+    ]
+    for source, add, value in steps:
+        add()  # type: ignore[no-untyped-call]
+        r = resolve_config(layers, m)
+        assert r.config.max_num_seqs == value
+        assert r.origin("max_num_seqs").source == source
+
+
+@pytest.mark.unit
+def test_lmi_tgi_and_sagemaker_names(tmp_path: Path) -> None:
+    env, hints = read_env(
+        {
+            "MAX_BATCH_SIZE": "12",
+            "MAX_CONCURRENT_REQUESTS": "64",
+            "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "90",
+            "ENABLE_CUDA_GRAPHS": "false",
+            "SM_NUM_GPUS": "2",
+            "PATH": "/usr/bin",
+        }
+    )
+    p = props(tmp_path, "option.dtype=fp16\noption.rolling_batch=scheduler\njob_queue_size: 50\n# comment\n")
+    r = resolve_config(Sources(properties=p, env=env, hints=hints), None)
+    c = r.config
+    assert (c.max_num_seqs, c.job_queue_size, c.predict_timeout, c.enforce_eager) == (12, 64, 90.0, True)
+    assert (c.dtype, c.engine, c.tensor_parallel_degree) == ("float16", "transformers", 2)
+    assert str(r.origin("max_num_seqs")) == "env MAX_BATCH_SIZE"
+    assert str(r.origin("dtype")) == "serving.properties option.dtype"
+    # SM_NUM_GPUS describes the instance: an artifact's target block fixes the degree instead.
+    assert resolve_config(Sources(hints=hints), manifest()).config.tensor_parallel_degree is None
+
+
+@pytest.mark.unit
+def test_native_name_beats_its_container_translation_without_conflict() -> None:
+    env, _ = read_env({"OPTION_MAX_ROLLING_BATCH_SIZE": "8", "MAX_BATCH_SIZE": "4"})
+    r = resolve_config(Sources(env=env), None)
+    assert r.config.max_num_seqs == 8
+    assert str(r.origin("max_num_seqs")) == "env OPTION_MAX_ROLLING_BATCH_SIZE"
+
+
+@pytest.mark.unit
+def test_all_problems_in_one_message(tmp_path: Path) -> None:
+    p = props(
+        tmp_path,
+        "option.max_rolling_batch_size=8\noption.max_num_seqs=16\n"  # two names, two values
+        "option.not_an_engine_arg=1\n"  # unknown
+        "option.max_model_len=4096\n"  # beyond target.max_model_len=2048
+        "option.output_formatter=xml\n"  # invalid value
+        "batch_size=4\n",  # LMI dynamic batching: unsupported
+    )
+    env, _ = read_env({"OPTION_TENSOR_PARALLEL_DEGREE": "two"})
+    with pytest.raises(ConfigError) as err:
+        resolve_config(Sources(properties=p, env=env), manifest(), accepts("max_num_batched_tokens"))
+    text = str(err.value)
+    for needle in (
+        "option.max_rolling_batch_size",
+        "option.max_num_seqs",
+        "option.not_an_engine_arg",
+        "not a kiln setting and not a vllm engine argument",
+        "env OPTION_TENSOR_PARALLEL_DEGREE",
+        "option.output_formatter",
+        "batch_size",
+    ):
+        assert needle in text, text
+    assert len(err.value.problems) == 6
+    # max_model_len is checked against the target only once the values themselves are valid
+    with pytest.raises(ConfigError, match="target.max_model_len=2048"):
+        resolve_config(Sources(properties=props(tmp_path, "option.max_model_len=4096\n")), manifest())
+
+
+@pytest.mark.unit
+def test_engine_native_keys_pass_through_only_when_accepted(tmp_path: Path) -> None:
+    p = props(tmp_path, "option.max_rolling_batch_prefill_tokens=512\noption.enable_lora=true\n")
+    r = resolve_config(Sources(properties=p), manifest(), accepts("max_num_batched_tokens", "enable_lora"))
+    assert r.config.engine_args == {"max_num_batched_tokens": 512, "enable_lora": True}
+    assert str(r.origin("engine_args.max_num_batched_tokens")) == (
+        "serving.properties option.max_rolling_batch_prefill_tokens"
+    )
+    with pytest.raises(ConfigError, match=r"option.enable_lora: not a kiln setting and not a transformers engine"):
+        resolve_config(Sources(properties=p), manifest(engine="transformers"), accepts("max_num_batched_tokens"))
+
+
+@pytest.mark.unit
+def test_target_block_wins_over_contradicting_values() -> None:
+    cli = entries("cli", engine="transformers", tensor_parallel_degree=2, dtype="float16")
+    with pytest.raises(ConfigError) as err:
+        resolve_config(Sources(cli=cli), manifest(quantization="awq"))
+    text = str(err.value)
+    assert "target.engine='vllm'" in text
+    assert "target.tensor_parallel_degree=1" in text
+    assert "quantized (awq)" in text
+    ok = resolve_config(Sources(cli=entries("cli", dtype="float16", max_model_len=1024)), manifest())
+    assert (ok.config.dtype, ok.config.max_model_len) == ("float16", 1024)
+
+
+@pytest.mark.unit
+def test_ignored_lmi_keys_are_listed_and_sagemaker_listens_everywhere(tmp_path: Path) -> None:
+    p = props(tmp_path, "engine=Python\nminWorkers=1\noption.entryPoint=djl_python.lmi_vllm.vllm_async_service\n")
+    r = resolve_config(Sources(properties=p), manifest(), sagemaker=True)
+    assert [o.name for o, _ in r.ignored] == ["engine", "minWorkers", "option.entryPoint"]
+    assert (r.config.host, r.config.port) == ("0.0.0.0", 8080)
+    with pytest.raises(ConfigError, match="custom handler"):
+        resolve_config(Sources(properties=props(tmp_path, "option.entryPoint=model.py\n")), manifest())
+
+
+# -- through the real CLI -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(tiny_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("cfg") / "model"
+    assert run_cli("artifacts", "pull", tiny_uri, str(d)).returncode == 0
+    return d
+
+
+def show(*args: str, env: dict[str, str] | None = None) -> dict[str, dict[str, object]]:
+    proc = run_cli("runtime", "config", *args, "--json", env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["settings"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.integration
+def test_config_command_shows_each_value_and_its_source(artifact_dir: Path) -> None:
+    (artifact_dir / "serving.properties").write_text("option.max_rolling_batch_size=8\njob_queue_size=50\n")
+    env = {"OPTION_JOB_QUEUE_SIZE": "40", "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS": "30"}
+    s = show(str(artifact_dir), "--predict-timeout", "20", env=env)
+    assert s["max_num_seqs"] == {"value": 8, "source": "serving.properties option.max_rolling_batch_size"}
+    assert s["job_queue_size"] == {"value": 40, "source": "env OPTION_JOB_QUEUE_SIZE"}
+    assert s["predict_timeout"] == {"value": 20.0, "source": "cli --predict-timeout"}
+    assert s["enforce_eager"] == {"value": False, "source": "artifact serving.enforce_eager"}
+    assert s["port"] == {"value": 8080, "source": "default"}
+    table = run_cli("runtime", "config", str(artifact_dir), env=env)
+    assert "serving.properties option.max_rolling_batch_size" in table.stdout
+    assert "-> tiny-llama on vllm (cpu" in table.stdout
+
+
+@pytest.mark.integration
+def test_sagemaker_model_dir_and_model_id_redirect(artifact_dir: Path, tiny_uri: str, tmp_path: Path) -> None:
+    s = show(env={"SM_MODEL_DIR": str(artifact_dir)})
+    assert s["model"] == {"value": str(artifact_dir), "source": "env SM_MODEL_DIR"}
+    assert (s["host"]["value"], s["port"]["value"]) == ("0.0.0.0", 8080)
+    sm = tmp_path / "sm"  # an LMI-style model directory: only serving.properties naming the model
+    sm.mkdir()
+    (sm / "serving.properties").write_text(f"option.model_id={tiny_uri}\noption.max_rolling_batch_size=6\n")
+    s = show(env={"SM_MODEL_DIR": str(sm)})
+    assert s["model"] == {"value": tiny_uri, "source": "serving.properties option.model_id"}
+    assert s["max_num_seqs"]["value"] == 6
+    proc = run_cli("runtime", "config", env={"SM_MODEL_DIR": str(sm)})
+    assert "-> tiny-llama on vllm" in proc.stdout
+
+
+@pytest.mark.integration
+def test_vllm_engine_args_pass_through_and_unknown_keys_refuse_to_start(artifact_dir: Path) -> None:
+    (artifact_dir / "serving.properties").write_text("option.max_rolling_batch_prefill_tokens=512\n")
+    s = show(str(artifact_dir), "--option", "enable_prefix_caching=false", "--option", "seed=3")
+    assert s["engine_args.max_num_batched_tokens"]["value"] == 512
+    assert s["engine_args.seed"] == {"value": 3, "source": "cli --option seed"}
+    assert s["enable_prefix_caching"]["value"] is False
+    env = {"OPTION_MAX_NUM_SEQS": "0", "OPTION_FLUX_CAPACITOR": "on"}
+    proc = run_cli("runtime", "serve", str(artifact_dir), "--max-model-len", "9999", env=env, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    for needle in (
+        "env OPTION_FLUX_CAPACITOR",
+        "env OPTION_MAX_NUM_SEQS",
+        "cli --max-model-len",
+        "target.max_model_len",
+    ):
+        assert needle in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n  - ") == 3  # one message, every problem listed
+
+
+# -- response forms chosen by configuration, on real (transformers-engine) servers --------------------------------
+
+
+@pytest.fixture(scope="module")
+def formatted(tiny_hf_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
+    """Two servers started together: TGI-compatible forms (set by the environment), and SSE streaming plus a chat
+    template override (set by serving.properties in the model directory)."""
+    tmp = tmp_path_factory.mktemp("forms")
+    d = tmp / "model"
+    assert run_cli("artifacts", "pull", tiny_hf_uri, str(d)).returncode == 0
+    (tmp / "template.jinja").write_text("Say something.")  # ignores the messages entirely
+    (d / "serving.properties").write_text(
+        f"option.output_formatter=sse\noption.chat_template={tmp / 'template.jinja'}\n"
+    )
+    tgi = start_server(tiny_hf_uri, tmp, wait=False, env={"OPTION_TGI_COMPAT": "true"})
+    sse = start_server(str(d), tmp, wait=False)
+    try:
+        wait_ready(tgi, 300)
+        wait_ready(sse, 300)
+        yield tgi, sse
+    finally:
+        for srv in (tgi, sse):
+            srv.stop(signal.SIGTERM)
+
+
+@pytest.mark.integration
+def test_tgi_compat_array_and_sse_stream(formatted: tuple[Server, Server]) -> None:
+    tgi, _ = formatted
+    body = {"inputs": "The cat", "parameters": {"max_new_tokens": 4}}
+    r = httpx.post(tgi.base + "/invocations", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert isinstance(out, list)
+    assert out[0]["details"]["generated_tokens"] == len(out[0]["details"]["tokens"])  # details by default
+    assert {"id", "text", "logprob", "special"} <= set(out[0]["details"]["tokens"][0])
+    with httpx.stream("POST", tgi.base + "/invocations", json={**body, "stream": True}, timeout=60) as s:
+        assert s.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
+    assert [e["index"] for e in events] == list(range(len(events)))
+    assert all(e["generated_text"] is None for e in events[:-1])
+    assert events[-1]["details"]["finish_reason"] == "length"
+    assert isinstance(events[-1]["generated_text"], str)
+
+
+@pytest.mark.integration
+def test_sse_formatter_and_chat_template_from_serving_properties(formatted: tuple[Server, Server]) -> None:
+    _, sse = formatted
+    body = {"inputs": "The cat", "parameters": {"max_new_tokens": 4}, "stream": True}
+    with httpx.stream("POST", sse.base + "/invocations", json=body, timeout=60) as s:
+        assert s.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
+    assert {"id", "text", "log_prob"} <= set(events[0]["token"])
+    assert "generated_text" in events[-1]
+    replies = [
+        httpx.post(
+            sse.base + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": q}], "max_tokens": 6, "temperature": 0},
+            timeout=60,
+        ).json()
+        for q in ("What color is the sky?", "Name a prime number bigger than one hundred.")
+    ]
+    # The template ignores the messages: both prompts render to the same tokens, so greedy replies match.
+    assert replies[0]["usage"]["prompt_tokens"] == replies[1]["usage"]["prompt_tokens"]
+    assert replies[0]["choices"][0]["message"] == replies[1]["choices"][0]["message"]
