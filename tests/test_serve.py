@@ -77,9 +77,12 @@ def wait_engine_idle(base: str, timeout: float = 15) -> float:
 
 def test_ping_goes_from_503_to_200(server: Live) -> None:
     codes = server.srv.ping_codes
-    assert 503 in codes
     assert codes[-1] == 200
-    assert codes.index(503) < codes.index(200)
+    assert set(codes[:-1]) <= {503}  # while loading, /ping answers 503 and nothing else
+    if server.engine == "vllm":
+        # vLLM loads for tens of seconds, so the probes always see the loading phase; the
+        # transformers engine on the tiny model can be ready before the first probe lands.
+        assert 503 in codes
 
 
 def test_models_lists_the_artifact(client: openai.OpenAI, server: Live) -> None:
@@ -373,7 +376,8 @@ def test_metrics_count_requests_latency_and_tokens(client: openai.OpenAI, server
     assert after["kiln_prompt_tokens_total"] - before["kiln_prompt_tokens_total"] == r.usage.prompt_tokens
     assert after["kiln_inter_token_latency_seconds_count"] > before["kiln_inter_token_latency_seconds_count"]
     assert after["kiln_engine_requests_running"] == 0
-    assert 'kiln_requests_total{route="/ping",status="503"}' in after  # the load-time probes are counted too
+    if 503 in server.srv.ping_codes:  # the load-time probes are counted too
+        assert after['kiln_requests_total{route="/ping",status="503"}'] >= server.srv.ping_codes.count(503)
     if server.engine == "vllm":
         assert any(k.startswith("vllm:num_requests_running") for k in after)  # vLLM's own series beside kiln's
 
