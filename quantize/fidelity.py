@@ -7,15 +7,16 @@ So the figures are those of the shipped weights (quantization error alone, witho
 
 Reported, over every position that has a next token: the mean KL(source ‖ quantized) in nats, the fraction of
 positions where both pick the same most likely token (top-1 agreement), and each model's perplexity on the
-held-out text. The gate (``quantize.max_kl`` / ``quantize.min_top1``) is checked by the orchestrator before
-publication.
+held-out text. For schemes that quantize activations, the KL and top-1 agreement of the quantized weights alone
+(activations left unquantized) are reported too, so weight and activation error can be told apart. The gate
+(``quantize.max_kl`` / ``quantize.min_top1``) is checked by the orchestrator before publication.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 BATCH = 4
@@ -39,12 +40,14 @@ class FidelityReport:
     positions: int
     windows: int
     seq_len: int
+    kl_mean_weights_only: float  # equal to kl_mean for weight-only schemes
+    top1_agreement_weights_only: float
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("kl_mean", "kl_max"):
+        for key in ("kl_mean", "kl_max", "kl_mean_weights_only"):
             out[key] = float(f"{out[key]:.4e}")
-        for key in ("top1_agreement", "ppl_source", "ppl_quantized"):
+        for key in ("top1_agreement", "top1_agreement_weights_only", "ppl_source", "ppl_quantized"):
             out[key] = round(out[key], 5)
         return out
 
@@ -97,13 +100,22 @@ def compare(model: Any, windows: list[list[int]], ref: Reference) -> FidelityRep
         positions=count,
         windows=len(windows),
         seq_len=len(windows[0]),
+        kl_mean_weights_only=kl_sum / count,
+        top1_agreement_weights_only=agree / count,
     )
 
 
 def measure(
-    load_source: Callable[[], Any], load_quantized: Callable[[], Any], windows: list[list[int]]
+    load_source: Callable[[], Any],
+    load_quantized: Callable[[], Any],
+    windows: list[list[int]],
+    weights_only: Callable[[Any], bool] = lambda model: False,
 ) -> FidelityReport:
-    """Load, run and free one model at a time (peak memory: one model plus the reference log-probabilities)."""
+    """Load, run and free one model at a time (peak memory: one model plus the reference log-probabilities).
+
+    ``weights_only(model)`` switches the quantized model's activation quantization off and returns True, or
+    returns False when the scheme quantizes no activations (the weights-only figures are then the same run).
+    """
     import gc
 
     source = load_source()
@@ -112,6 +124,9 @@ def measure(
     gc.collect()
     quantized = load_quantized()
     report = compare(quantized, windows, ref)
+    if weights_only(quantized):
+        alone = compare(quantized, windows, ref)
+        report = replace(report, kl_mean_weights_only=alone.kl_mean, top1_agreement_weights_only=alone.top1_agreement)
     del quantized
     gc.collect()
     return report

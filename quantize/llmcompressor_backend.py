@@ -169,6 +169,18 @@ class LlmCompressor:
         )
         return model.eval()
 
+    def weights_only(self, model: Any) -> bool:
+        """The weights are already dequantized at load; with quantization off, activations pass unrounded."""
+        from compressed_tensors.quantization import disable_quantization
+
+        quantizes_inputs = any(
+            getattr(getattr(m, "quantization_scheme", None), "input_activations", None) is not None
+            for m in model.modules()
+        )
+        if quantizes_inputs:
+            model.apply(disable_quantization)
+        return quantizes_inputs
+
 
 def _quantization_config(out: Path) -> dict[str, Any]:
     import json

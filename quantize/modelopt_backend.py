@@ -85,6 +85,11 @@ class ModelOpt:
     def load_quantized(self, out: Path) -> Any:
         return load_exported(out)
 
+    def weights_only(self, model: Any) -> bool:
+        """Turn off the input simulation; ``pre_quant_scale`` stays, it is part of the weights' math."""
+        model.kiln_quantize_inputs = False
+        return bool(getattr(model, "kiln_quantizes_inputs", False))
+
 
 def load_exported(out: Path) -> Any:
     """A float32 Llama-style model computing with the dequantized weights of a ModelOpt HF checkpoint.
@@ -110,10 +115,12 @@ def load_exported(out: Path) -> Any:
         for k, v in tensors.items()
         if not _is_quant_aux(k) and k.rsplit(".", 1)[0] + ".weight_scale" not in tensors
     }
+    model.kiln_quantize_inputs = True  # switched off by ModelOpt.weights_only
+    model.kiln_quantizes_inputs = algo != "W4A16_AWQ"
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and f"{name}.weight_scale" in tensors:
             dense[f"{name}.weight"] = _dequantize(tensors, name, module, algo)
-            _simulate_inputs(module, tensors, name, algo)
+            _simulate_inputs(model, module, tensors, name, algo)
     missing, unexpected = model.load_state_dict(dense, strict=False)
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
@@ -143,7 +150,7 @@ def _dequantize(tensors: dict[str, Any], name: str, module: Any, algo: str) -> A
     return w.float() * scale.reshape(out_f, 1)
 
 
-def _simulate_inputs(module: Any, tensors: dict[str, Any], name: str, algo: str) -> None:
+def _simulate_inputs(model: Any, module: Any, tensors: dict[str, Any], name: str, algo: str) -> None:
     pqs = tensors.get(f"{name}.pre_quant_scale")
     in_scale = tensors.get(f"{name}.input_scale")
     pqs = pqs.float() if pqs is not None else None
@@ -153,6 +160,8 @@ def _simulate_inputs(module: Any, tensors: dict[str, Any], name: str, algo: str)
         x = args[0]
         if pqs is not None:
             x = x * pqs
+        if not model.kiln_quantize_inputs:
+            return (x, *args[1:])
         if algo == "W8A8_SQ_PER_CHANNEL" and in_scale is not None:
             x = (x / in_scale).round().clamp(-INT8_MAX - 1, INT8_MAX) * in_scale
         elif algo == "FP8" and in_scale is not None:

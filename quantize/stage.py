@@ -69,6 +69,10 @@ class Backend(Protocol):
         """The written checkpoint as a float32 torch model computing with the dequantized weights."""
         ...
 
+    def weights_only(self, model: Any) -> bool:
+        """Switch off the loaded model's activation quantization; False when the scheme has none."""
+        ...
+
 
 def parse(params: Mapping[str, Any]) -> StageParams:
     raw = dict(params["config"])
@@ -111,7 +115,9 @@ def run_stage(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path, 
         facts = backend.quantize(model_dir, p, win.calibration, out)
     carry_files(model_dir, out)
     with _timed(timings, "fidelity"), library_output():
-        report = fidelity.measure(lambda: load_source(model_dir), lambda: backend.load_quantized(out), win.heldout)
+        report = fidelity.measure(
+            lambda: load_source(model_dir), lambda: backend.load_quantized(out), win.heldout, backend.weights_only
+        )
     log.info(
         "fidelity: KL %.3e nats, top-1 %.2f%%, perplexity %.3f -> %.3f",
         report.kl_mean,

@@ -63,6 +63,12 @@ def tiny_uri() -> str:
     return build()
 
 
+@pytest.fixture(scope="session")
+def tiny_trained_uri() -> str:
+    """The briefly trained tiny model (about 100 s of CPU training, once per session): peaked distributions."""
+    return build("model=tiny_trained")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
