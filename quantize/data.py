@@ -45,7 +45,7 @@ def data_files(path: Path) -> list[Path]:
 
 
 def documents(path: Path, text_field: str) -> Iterator[str]:
-    """Every non-empty document under ``path``: a .txt file is one document, a JSONL line or table row another."""
+    """Every non-empty document under ``path``: a paragraph of a text file, a JSONL line, a JSON item, a table row."""
     files = data_files(path)
     if not files:
         raise QuantizeError(
@@ -62,7 +62,17 @@ def documents(path: Path, text_field: str) -> Iterator[str]:
 def _read(file: Path, text_field: str) -> Iterator[str]:
     suffix = file.suffix.lower()
     if suffix in TEXT_SUFFIXES:
-        yield file.read_text(encoding="utf-8", errors="replace")
+        # Paragraph by paragraph, so a large file is only read and tokenized as far as the windows need.
+        with file.open(encoding="utf-8", errors="replace") as f:
+            paragraph: list[str] = []
+            for line in f:
+                if line.strip():
+                    paragraph.append(line)
+                elif paragraph:
+                    yield "".join(paragraph).rstrip("\n")
+                    paragraph = []
+            if paragraph:
+                yield "".join(paragraph).rstrip("\n")
     elif suffix == ".jsonl":
         for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():

@@ -66,7 +66,9 @@ def tiny_uri() -> str:
 @pytest.fixture(scope="session")
 def tiny_trained_uri() -> str:
     """The briefly trained tiny model (about 100 s of CPU training, once per session): peaked distributions."""
-    return build("model=tiny_trained")
+    proc = run_cli("build", "model=tiny_trained", timeout=1800)  # training: allow for a busy machine
+    assert proc.returncode == 0, f"build failed:\n{proc.stderr}"
+    return proc.stdout.strip().splitlines()[-1]
 
 
 def free_port() -> int:

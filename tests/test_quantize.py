@@ -108,17 +108,24 @@ def test_compressed_tensors_output_loads_and_carries_its_quantization(trained: s
     # The source's tokenizer files travel verbatim.
     src = pulled(trained, tmp_path / "src")
     assert (art / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
-    # The checkpoint loads in the quantizer's own environment, transformers' compressed-tensors reader.
+
+
+def test_compressed_tensors_outputs_load_in_transformers(trained: str, tmp_path: Path) -> None:
+    """Each checkpoint loads with transformers' compressed-tensors reader (in the quantizer's own environment,
+    one process for all) and computes next-token logits."""
+    dirs = [str(pulled(quantized(name), tmp_path / name)) for name in CT_EXPECT]
     check = (
-        "import sys, torch; from transformers import AutoModelForCausalLM, CompressedTensorsConfig;"
-        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=CompressedTensorsConfig("
-        "dequantize=True)); print(m(input_ids=torch.tensor([[1, 2, 3]])).logits.shape)"
+        "import sys, torch; from transformers import AutoModelForCausalLM, CompressedTensorsConfig\n"
+        "ct = CompressedTensorsConfig(dequantize=True)\n"
+        "for d in sys.argv[1:]:\n"
+        "    m = AutoModelForCausalLM.from_pretrained(d, quantization_config=ct)\n"
+        "    print(tuple(m(input_ids=torch.tensor([[1, 2, 3]])).logits.shape))"
     )
     proc = subprocess.run(
-        [toolchain_python("quantize-llmcompressor"), "-c", check, str(art)], capture_output=True, text=True, timeout=300
+        [toolchain_python("quantize-llmcompressor"), "-c", check, *dirs], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "torch.Size([1, 3, 1024])" in proc.stdout
+    assert proc.stdout.split("\n")[: len(dirs)] == ["(1, 3, 1024)"] * len(dirs)
 
 
 def toolchain_python(name: str) -> str:
@@ -154,9 +161,10 @@ def test_eight_bit_schemes_are_closer_to_the_source_than_four_bit(trained: str) 
 
 
 def test_same_config_same_artifact(trained: str) -> None:
-    """The stage is a pure function of its inputs: a forced re-run writes identical files."""
-    again = build("model=tiny_trained", *BUILDS["fp8"], "force=true")
-    assert again.rsplit("@", 1)[1] == quantized("fp8").rsplit("@", 1)[1]
+    """The stage is a pure function of its inputs (seeded calibration included): a forced re-run writes
+    identical files and the identical manifest."""
+    again = build("model=tiny_trained", *BUILDS["fp8-static"], "force=true")
+    assert again.rsplit("@", 1)[1] == quantized("fp8-static").rsplit("@", 1)[1]
 
 
 # -- ModelOpt → TensorRT-LLM -----------------------------------------------------------------------------

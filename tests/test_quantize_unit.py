@@ -66,6 +66,23 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def test_quantize_imports_only_artifacts_and_itself() -> None:
+    """Stage code runs inside toolchain environments with only the repository on the path."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "import sys, quantize.registry, quantize.config, quantize.stage, quantize.data, quantize.fidelity,"
+        " quantize.preflight, quantize.progress, quantize.llmcompressor_backend, quantize.modelopt_backend;"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('build', 'runtime', 'compile', 'hydra')];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 # -- config and the (method, engine) table --------------------------------------------------------------
 
 
