@@ -1,4 +1,5 @@
-"""kiln's task runner: ``nox -s demo`` (build, serve, ask), ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``.
+"""kiln's task runner: ``nox -s demo`` (build, serve, ask), ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``,
+``nox -s bench``.
 
 The engine-heavy sessions (demo, tests) share one environment, ``.nox/kiln``, holding vLLM on CPU, the build
 toolchain and the dev tools; it is created on first use and reused while its requirements are unchanged.
@@ -65,6 +66,7 @@ def demo(session: nox.Session) -> None:
 BENCH_PARTS = {
     "serve": "tests.bench.serve_bench",  # vLLM's own OpenAI server vs python -m runtime serve; transformers engine
     "s3": "tests.bench.s3_pull",  # S3 pull vs boto3 download_file; publish and no-op re-publish
+    "quantize": "tests.bench.quantize_time",  # kiln's quantize stage vs llm-compressor's oneshot called directly
 }
 
 

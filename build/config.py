@@ -171,6 +171,8 @@ def _problems(cfg: BuildConfig) -> list[tuple[str, str]]:
         out.append(("convert.max_shard_size", str(exc)))
     if cfg.quantize.method not in QUANTIZERS:
         out.append(("quantize", f"unknown method {cfg.quantize.method!r}; known: {sorted(QUANTIZERS)}"))
+    else:
+        out.extend(_quantize_problems(cfg))
     if cfg.compile.backend not in COMPILERS:
         out.append(("compile", f"unknown backend {cfg.compile.backend!r}; known: {sorted(COMPILERS)}"))
     if cfg.target.tensor_parallel_degree < 1:
@@ -184,6 +186,22 @@ def _problems(cfg: BuildConfig) -> list[tuple[str, str]]:
             ("publish.uri", f"is required with publish={cfg.publish.store} (e.g. publish.uri=s3://bucket/prefix)")
         )
     out.extend(_synth_problems(cfg.model))
+    return out
+
+
+def _quantize_problems(cfg: BuildConfig) -> list[tuple[str, str]]:
+    """Value ranges, the (method, engine) pair and the calibration source, before any stage runs."""
+    from build import calibration
+    from quantize.config import CalibratedConfig, problems
+    from quantize.registry import UnsupportedError, plan
+
+    out = problems(cfg.quantize)
+    try:
+        plan(cfg.quantize, cfg.target.engine)
+    except UnsupportedError as exc:
+        out.append((exc.key, str(exc)))
+    if isinstance(cfg.quantize, CalibratedConfig):
+        out.extend(calibration.problems(cfg.quantize.calibration))
     return out
 
 

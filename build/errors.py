@@ -29,3 +29,21 @@ class ConfigError(BuildError):
 
     def render(self) -> str:
         return "[config] " + self.message
+
+
+def as_build_error(exc: BaseException) -> BuildError | None:
+    """``exc`` as a BuildError when it is a user-facing stage error, else None (an unexpected crash).
+
+    Stage code outside ``build/`` (``quantize/``, ``compile/``) cannot import BuildError; it raises its own
+    exception class marked ``user_facing = True`` with ``stage``, ``message``, ``key`` and ``fix`` attributes.
+    """
+    if isinstance(exc, BuildError):
+        return exc
+    if getattr(exc, "user_facing", False):
+        return BuildError(
+            str(getattr(exc, "stage", "stage")),
+            str(getattr(exc, "message", exc)),
+            key=getattr(exc, "key", None),
+            fix=getattr(exc, "fix", None),
+        )
+    return None

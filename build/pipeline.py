@@ -21,13 +21,16 @@ from artifacts.manifest import ENGINE_DEVICES, Manifest, Target
 from artifacts.paths import cache_root, default_store_uri
 from artifacts.store import SCHEME_TO_STORE, STORES, open_store
 from artifacts.uri import ArtifactRef, normalize_store_uri, scheme_of
+from build import calibration
 from build.cache import StageCache, StageRecord
 from build.config import BuildConfig, parse_size, to_plain
 from build.errors import BuildError
 from build.source import Source, acquire
 from build.stages import StageInput, StageSpec, run_stage
 from compile.registry import COMPILERS
-from quantize.registry import QUANTIZERS
+from quantize.config import stage_config
+from quantize.fidelity import gate_failures
+from quantize.registry import plan
 
 log = logging.getLogger("kiln.build")
 CONVERT = StageSpec(name="convert", toolchain="build", entry="build.stages.convert:run")
@@ -59,30 +62,67 @@ def run_build(cfg: BuildConfig) -> BuildResult:
     }
     final = run_stage(CONVERT, convert_params, {"source": source.input}, cache, force=cfg.force)
     stages.append(final)
-    for spec, params in _optional_stages(cfg):
-        final = run_stage(spec, params, {"model": StageInput(final.path, final.output_digest)}, cache, force=cfg.force)
+    record_extra: dict[str, Any] = {}
+    for spec, params, extra in _optional_stages(cfg, record_extra):
+        inputs = {"model": StageInput(final.path, final.output_digest), **extra}
+        final = run_stage(spec, params, inputs, cache, force=cfg.force)
         stages.append(final)
+    check_quantize_gate(cfg, stages)
     manifest = assemble_manifest(cfg, source, final, stages)
-    record = _build_record(source, stages, time.monotonic() - start)
+    record = _build_record(source, stages, time.monotonic() - start) | record_extra
     ref = ops.publish(final.path, manifest, store_uri, tags=cfg.publish.tags, record=record)
     return BuildResult(ref=ref, manifest=manifest, stages=tuple(stages), seconds=time.monotonic() - start)
 
 
-def _optional_stages(cfg: BuildConfig) -> list[tuple[StageSpec, dict[str, Any]]]:
-    """The quantize and compile stages the config asks for (``none`` asks for no work).
+def _optional_stages(
+    cfg: BuildConfig, record: dict[str, Any]
+) -> list[tuple[StageSpec, dict[str, Any], dict[str, StageInput]]]:
+    """The quantize and compile stages the config asks for (``none`` asks for no work), with extra inputs.
 
     Both receive their own resolved config plus the target and serving settings, because what they produce
     depends on them (the quantized format follows the engine; a compile cache is keyed by engine settings).
     """
     context = {"target": asdict(cfg.target), "serving": asdict(cfg.serving), "dtype": cfg.model.dtype}
     out = []
-    q = QUANTIZERS[cfg.quantize.method]
-    if q.entry and q.toolchain:
-        out.append((StageSpec("quantize", q.toolchain, q.entry), {"config": to_plain(cfg.quantize), **context}))
+    q = plan(cfg.quantize, cfg.target.engine)  # validated already: None means no quantization
+    if q is not None:
+        out.append(_quantize_stage(cfg, q.backend.toolchain, q.backend.entry, context, record))
     c = COMPILERS[cfg.compile.backend]
     if c.entry and c.toolchain:
-        out.append((StageSpec("compile", c.toolchain, c.entry), {"config": to_plain(cfg.compile), **context}))
+        out.append((StageSpec("compile", c.toolchain, c.entry), {"config": to_plain(cfg.compile), **context}, {}))
     return out
+
+
+def _quantize_stage(
+    cfg: BuildConfig, toolchain: str, entry: str, context: dict[str, Any], record: dict[str, Any]
+) -> tuple[StageSpec, dict[str, Any], dict[str, StageInput]]:
+    """The quantize stage: its params hold what the checkpoint depends on; the calibration text is an input
+    (keyed by content digest), and the publication gate stays out so loosening it reuses the cached output."""
+    q = cfg.quantize
+    data = calibration.acquire(q.calibration, min_tokens=(q.num_samples + q.eval_samples) * q.seq_len)
+    record.update(data.record)
+    params = {"config": stage_config(to_plain(q)), "calibration": data.provenance, **context}
+    return StageSpec("quantize", toolchain, entry), params, {"calibration": data.input}
+
+
+def check_quantize_gate(cfg: BuildConfig, stages: list[StageRecord]) -> None:
+    """Refuse to publish when the fidelity report breaks ``quantize.max_kl`` / ``quantize.min_top1``."""
+    rec = next((s for s in stages if s.stage == "quantize"), None)
+    if rec is None:
+        return
+    report = rec.result["report"]["fidelity"]
+    failures = gate_failures(report, getattr(cfg.quantize, "max_kl", None), getattr(cfg.quantize, "min_top1", None))
+    if failures:
+        raise BuildError(
+            "quantize",
+            "fidelity gate failed, nothing was published: "
+            + "; ".join(failures)
+            + f" (held-out: KL {report['kl_mean']:.3e} nats, top-1 {100 * report['top1_agreement']:.2f}%, "
+            f"perplexity {report['ppl_source']:.3f} -> {report['ppl_quantized']:.3f})",
+            key="quantize.max_kl" if "max_kl" in failures[0] else "quantize.min_top1",
+            fix="the quantized checkpoint is cached: loosen the gate to publish it, or pick a gentler scheme "
+            "(smaller quantize.group_size, quantize=smoothquant or quantize=fp8)",
+        )
 
 
 def _store_uri(cfg: BuildConfig) -> str:
@@ -137,7 +177,8 @@ def build_target(cfg: BuildConfig, stages: list[StageRecord]) -> Target:
     for stage in stages:
         reported = dict(stage.result.get("target") or {})
         if "devices" in reported:
-            devices = [d for d in devices if d in reported.pop("devices")]
+            allowed = reported.pop("devices")
+            devices = [d for d in devices if d in allowed]
         fields.update({k: v for k, v in reported.items() if k in fields})
     if not devices:
         raise BuildError("publish", f"no device can run this artifact on engine {engine}", key="target.engine")
@@ -153,7 +194,11 @@ def build_target(cfg: BuildConfig, stages: list[StageRecord]) -> Target:
 
 def _stage_provenance(rec: StageRecord) -> dict[str, Any]:
     m = rec.key_material
+    # A stage's "report" (e.g. the quantize stage's scheme, format and fidelity figures) is part of what the
+    # artifact is; timings and other volatile facts stay in stage.json.
+    report = {"report": rec.result["report"]} if "report" in rec.result else {}
     return {
+        **report,
         "stage": rec.stage,
         "toolchain": m["toolchain"],
         "packages": dict(rec.packages),

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from build.errors import BuildError
+from build.errors import as_build_error
 from build.toolchains import installed_versions
 
 StageFn = Callable[[Mapping[str, Any], Mapping[str, Path], Path], Mapping[str, Any]]
@@ -41,10 +41,12 @@ def main(request_path: str, response_path: str) -> int:
     try:
         resp["result"] = call_entry(req["entry"], req["params"], req["inputs"], Path(req["out"]))
         resp["ok"] = True
-    except BuildError as exc:
-        resp |= {"ok": False, "error": {"stage": exc.stage, "message": exc.message, "key": exc.key, "fix": exc.fix}}
-    except Exception:
-        resp |= {"ok": False, "traceback": traceback.format_exc()}
+    except Exception as exc:
+        err = as_build_error(exc)
+        if err is None:
+            resp |= {"ok": False, "traceback": traceback.format_exc()}
+        else:
+            resp |= {"ok": False, "error": {"stage": err.stage, "message": err.message, "key": err.key, "fix": err.fix}}
     Path(response_path).write_text(json.dumps(resp))
     return 0 if resp["ok"] else 1
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from artifacts.manifest import Target
 from runtime.engines import ENGINES
@@ -26,6 +27,7 @@ class Host:
     devices: tuple[str, ...]  # device kinds present, best first
     gpu_count: int
     numa_nodes: int
+    cpu_flags: frozenset[str] = frozenset()  # /proc/cpuinfo flags (x86: avx2, avx512f, …)
 
     def count(self, device: str) -> int:
         return {"cuda": self.gpu_count, "cpu": self.numa_nodes}.get(device, 1)
@@ -36,7 +38,16 @@ def detect() -> Host:
     gpus = _nvidia_gpus()
     devices = ("cuda",) * bool(gpus) + ("neuron",) * bool(glob.glob("/dev/neuron*")) + ("cpu",)
     numa = len(glob.glob("/sys/devices/system/node/node[0-9]*")) or 1
-    return Host(devices=devices, gpu_count=gpus, numa_nodes=numa)
+    return Host(devices=devices, gpu_count=gpus, numa_nodes=numa, cpu_flags=_cpu_flags())
+
+
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return frozenset(line.partition(":")[2].split())
 
 
 def _nvidia_gpus() -> int:
@@ -75,8 +86,16 @@ def check_target(target: Target, host: Host) -> str:
         raise TargetMismatchError("engine_version", f"{target.engine_version!r} is not a version specifier") from exc
     device = next((d for d in host.devices if d in target.devices), None)
     if device is None:
+        what = "the artifact" if target.quantization == "none" else f"its quantization ({target.quantization})"
         raise TargetMismatchError(
-            "devices", f"the artifact runs on {list(target.devices)}, this host has {list(host.devices)}"
+            "devices", f"{what} runs on {list(target.devices)}, this host has {list(host.devices)}"
+        )
+    if (why := spec.cannot_run(target.quantization, device, host.cpu_flags)) is not None:
+        others = [d for d in target.devices if d != device]
+        raise TargetMismatchError(
+            "quantization",
+            f"{target.quantization} cannot run on this host's {device}: {why}"
+            + (f"; devices that can run it: {others}" if others else ""),
         )
     if target.tensor_parallel_degree > host.count(device):
         raise TargetMismatchError(

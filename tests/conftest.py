@@ -71,6 +71,14 @@ def tiny_hf_uri(tiny_uri: str) -> str:
     return build("target.engine=transformers", "model.name=tiny-llama-hf")
 
 
+@pytest.fixture(scope="session")
+def tiny_trained_uri() -> str:
+    """The briefly trained tiny model (about 100 s of CPU training, once per session): peaked distributions."""
+    proc = run_cli("build", "model=tiny_trained", timeout=1800)  # training: allow for a busy machine
+    assert proc.returncode == 0, f"build failed:\n{proc.stderr}"
+    return proc.stdout.strip().splitlines()[-1]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

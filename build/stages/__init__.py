@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from typing import Any
 
 from build import toolchains
 from build.cache import StageCache, StageRecord, code_digest
-from build.errors import BuildError
+from build.errors import BuildError, as_build_error
 from build.stage_exec import call_entry
 
 log = logging.getLogger("kiln.build.stages")
@@ -80,9 +81,13 @@ def _execute(
     out: Path,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     if interp.in_process:
-        return call_entry(
-            spec.entry, params, {k: v.path for k, v in inputs.items()}, out
-        ), toolchains.installed_versions(tc.pins)
+        try:
+            result = call_entry(spec.entry, params, {k: v.path for k, v in inputs.items()}, out)
+        except Exception as exc:
+            if (err := as_build_error(exc)) is None or err is exc:
+                raise
+            raise err from exc
+        return result, toolchains.installed_versions(tc.pins)
     with tempfile.TemporaryDirectory(prefix="kiln-stage-") as tmp:
         req, resp = Path(tmp) / "request.json", Path(tmp) / "response.json"
         req.write_text(
@@ -98,7 +103,10 @@ def _execute(
             )
         )
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-        proc = subprocess.run([interp.python, "-m", "build.stage_exec", str(req), str(resp)], env=env, cwd=REPO_ROOT)
+        # The stage's stdout goes to stderr: the build's stdout carries only the artifact URI.
+        proc = subprocess.run(
+            [interp.python, "-m", "build.stage_exec", str(req), str(resp)], env=env, cwd=REPO_ROOT, stdout=sys.stderr
+        )
         if not resp.exists():
             raise BuildError(
                 spec.name,
