@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--graceful-timeout", type=float, default=30.0, help="seconds to drain in-flight requests on SIGTERM"
     )
+    p.add_argument(
+        "--ignore-compile-cache",
+        action="store_true",
+        help="serve a precompiled artifact without its compile cache, even where its target.compile key does not "
+        "match this host (vLLM then compiles at start)",
+    )
     return parser
 
 
@@ -54,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_cache_gib=args.kv_cache_gib,
         chat_template=args.chat_template,
         graceful_timeout_s=args.graceful_timeout,
+        ignore_compile_cache=args.ignore_compile_cache,
     )
     try:
         model = resolve(target)

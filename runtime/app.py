@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from runtime import compile_cache
 from runtime.engines import ENGINES
 from runtime.engines.base import EngineSettings
 from runtime.host import check_target, detect
@@ -30,6 +31,7 @@ class ServeOptions:
     kv_cache_gib: float | None = None
     chat_template: str | None = None
     graceful_timeout_s: float = 30.0
+    ignore_compile_cache: bool = False  # serve a precompiled artifact without its cache (e.g. on another CPU)
 
 
 def plan(model: ResolvedModel, opts: ServeOptions) -> tuple[str, EngineSettings]:
@@ -62,6 +64,16 @@ def plan(model: ResolvedModel, opts: ServeOptions) -> tuple[str, EngineSettings]
         else bool(serving.get("enforce_eager", False)),
         kv_cache_gib=opts.kv_cache_gib,
     )
+    if model.manifest is not None and model.manifest.target.compile:
+        cache = compile_cache.prepare(
+            model.path,
+            model.manifest,
+            settings.device,
+            settings.dtype,
+            enforce_eager=settings.enforce_eager,
+            ignore=opts.ignore_compile_cache,
+        )
+        settings = replace(settings, compile_cache=cache)
     return engine, settings
 
 

@@ -58,8 +58,7 @@ def test_target_picks_best_device() -> None:
         ({"engine_version": ">=99"}, CPU_HOST, "engine_version"),
         ({"tensor_parallel_degree": 4}, GPU_HOST, "tensor_parallel_degree"),
         ({"unknown": {"gpu_arch": "sm_90"}}, GPU_HOST, "gpu_arch"),
-        ({"compile": {"torch": "2.13.0"}}, CPU_HOST, "compile.torch"),
-    ],
+    ],  # target.compile is checked with the engine settings: tests/test_compile_unit.py
 )
 def test_target_mismatch_names_the_field(kw: dict[str, object], host: Host, field: str) -> None:
     with pytest.raises(TargetMismatchError) as err:

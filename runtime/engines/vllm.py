@@ -12,6 +12,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+from runtime import compile_cache
 from runtime.engines.base import (
     EngineDeadError,
     EngineError,
@@ -70,6 +71,7 @@ class VllmEngine:
         self.settings = settings
         self.max_model_len = settings.max_model_len or 0
         self._llm: Any = None
+        self._cache_watch: compile_cache.CacheWatch | None = None
 
     async def start(self) -> None:
         # vLLM's CPU platform refuses to start unless the KV cache fits a memory-utilization budget; the
@@ -80,8 +82,13 @@ class VllmEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         os.environ.setdefault("DO_NOT_TRACK", "1")
+        if self.settings.compile_cache is not None:
+            compile_cache.point_engine_at(self.settings.compile_cache)
+            self._cache_watch = compile_cache.CacheWatch(self.settings.compile_cache)
         self._llm = await asyncio.to_thread(self._build)
         self.max_model_len = int(self._llm.model_config.max_model_len)
+        if self._cache_watch is not None:
+            self._cache_watch.started()
 
     def _build(self) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -163,6 +170,8 @@ class VllmEngine:
         return EngineStats(running=self._llm.get_num_unfinished_requests(), waiting=0)
 
     async def shutdown(self) -> None:
+        if self._cache_watch is not None:
+            self._cache_watch.stop()
         llm, self._llm = self._llm, None
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
@@ -184,7 +193,7 @@ def _convert(out: Any, k: int, k_prompt: int) -> EngineOutput:
         for c in out.outputs
     )
     prompt_lp = None
-    if out.prompt_logprobs is not None:
+    if out.prompt_logprobs:  # with DELTA outputs vLLM sends them once; later deltas carry [] (not None)
         prompt_lp = tuple(
             None if d is None else _token(int(t), d, k_prompt)
             for t, d in zip(out.prompt_token_ids, out.prompt_logprobs, strict=True)
