@@ -80,7 +80,8 @@ def _optional_stages(cfg: BuildConfig) -> list[tuple[StageSpec, dict[str, Any]]]
         out.append((StageSpec("quantize", q.toolchain, q.entry), {"config": to_plain(cfg.quantize), **context}))
     c = COMPILERS[cfg.compile.backend]
     if c.entry and c.toolchain:
-        out.append((StageSpec("compile", c.toolchain, c.entry), {"config": to_plain(cfg.compile), **context}))
+        spec = StageSpec("compile", c.toolchain, c.entry, host_bound=True, code=c.code)
+        out.append((spec, {"config": to_plain(cfg.compile), **context}))
     return out
 
 

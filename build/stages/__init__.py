@@ -38,6 +38,8 @@ class StageSpec:
     name: str  # "synth", "convert", "quantize", "compile"
     toolchain: str
     entry: str  # "module:function"
+    host_bound: bool = False  # output is machine code for this host: its CPU and interpreter join the cache key
+    code: tuple[str, ...] = ()  # modules outside the entry's package whose code shapes the output
 
 
 def run_stage(
@@ -56,8 +58,10 @@ def run_stage(
         "params": dict(params),
         "inputs": {k: v.digest for k, v in sorted(inputs.items())},
         "toolchain": {"name": tc.name, "lock": tc.lock_digest},
-        "code": code_digest(spec.entry),
+        "code": code_digest(spec.entry, *spec.code),
     }
+    if spec.host_bound:
+        key_material["host"] = toolchains.host_fingerprint(tc)
     if not force and (hit := cache.lookup(spec.name, key_material)):
         log.info("%s: cache hit (%s)", spec.name, hit.output_digest)
         return hit
