@@ -97,3 +97,22 @@ def test_plain_hf_directory_is_accepted_without_manifest(tmp_path: Path) -> None
     empty.mkdir()
     with pytest.raises(ArtifactError, match="neither manifest.json nor"):
         resolve(str(empty))
+
+
+def test_prompt_logprobs_come_once_with_delta_outputs() -> None:
+    """vLLM sends prompt logprobs in the first DELTA output and [] (not None) in the later ones."""
+    from types import SimpleNamespace
+
+    from runtime.engines.vllm import _convert
+
+    seq = SimpleNamespace(index=0, text="a", token_ids=[5], logprobs=None, finish_reason=None, stop_reason=None)
+    first = SimpleNamespace(
+        outputs=[seq],
+        prompt_token_ids=[1, 2],
+        prompt_logprobs=[None, {2: SimpleNamespace(logprob=-1.0, rank=1, decoded_token="b")}],
+        finished=False,
+        num_cached_tokens=0,
+    )
+    later = SimpleNamespace(**{**vars(first), "prompt_logprobs": []})
+    assert _convert(first, 0, 1).prompt_logprobs[1].logprob == -1.0  # type: ignore[index,union-attr]
+    assert _convert(later, 0, 1).prompt_logprobs is None
