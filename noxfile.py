@@ -1,4 +1,5 @@
-"""kiln's task runner: ``nox -s demo`` (build, serve, ask), ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``.
+"""kiln's task runner: ``nox -s demo`` (build, serve, ask), ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``,
+``nox -s bench``.
 
 The engine-heavy sessions (demo, tests) share one environment, ``.nox/kiln``, holding vLLM on CPU, the build
 toolchain and the dev tools; it is created on first use and reused while its requirements are unchanged.
@@ -58,6 +59,15 @@ def demo(session: nox.Session) -> None:
     """Build the tiny default artifact, serve it, ask it one chat question. Extra args are build overrides."""
     bin_dir = shared_env(session)
     session.run(str(bin_dir / "python"), "tests/demo.py", *session.posargs, env=_env(bin_dir), external=True)
+
+
+@nox.session(venv_backend="none")
+def bench(session: nox.Session) -> None:
+    """Benchmarks (figures, not pass/fail): every tests/bench script, or those named (nox -s bench -- cold_start)."""
+    bin_dir = shared_env(session)
+    names = session.posargs or sorted(p.stem for p in (ROOT / "tests" / "bench").glob("[!_]*.py"))
+    for name in names:
+        session.run(str(bin_dir / "python"), "-m", f"tests.bench.{name}", env=_env(bin_dir), external=True)
 
 
 @nox.session
