@@ -8,7 +8,7 @@ The output is the checkpoint plus ``compile_cache/``; the result's ``target.comp
 runtime checks against its host.
 
 This module imports no runtime code: the warm-up is a separate process, started from the stage's interpreter
-(the toolchain's Python, which has vLLM).
+(the toolchain's Python, which has vLLM). The warm-up leaves only cache content (no lock files, no bytecode).
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from artifacts.manifest import COMPILE_CACHE_DIR
 from artifacts.paths import cache_root
 from build.errors import BuildError
+from build.stage_exec import REPO_ROOT, kiln_env
 from compile.config import CompileConfig
 
 log = logging.getLogger("kiln.compile.vllm")
-CACHE_DIR = "compile_cache"  # the artifact subdirectory the runtime looks for (runtime/compile_cache.py)
-IGNORED_PARTS = ("locks", "__pycache__")  # inductor's lock files and bytecode: rewritten on every start
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -68,9 +67,8 @@ def run(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path) -> dic
     _link_tree(model, out)
     settings = engine_settings(params, model, cfg)
     report = _warm_up(out, settings, cfg, log_path=out.parent / "warmup.log")
-    removed = _drop_volatile(out / CACHE_DIR)
-    files = [p for p in (out / CACHE_DIR).rglob("*") if p.is_file()]
-    log.info("compile: %d cache files (%d volatile files dropped)", len(files), removed)
+    files = [p for p in (out / COMPILE_CACHE_DIR).rglob("*") if p.is_file()]
+    log.info("compile: %d cache files", len(files))
     return {
         "target": {"compile": report["key"]},
         "cache_files": len(files),
@@ -119,13 +117,13 @@ def _warm_up(out: Path, settings: Mapping[str, Any], cfg: VllmCompileConfig, log
         "runtime.warmup",
         str(out),
         "--cache-dir",
-        str(out / CACHE_DIR),
+        str(out / COMPILE_CACHE_DIR),
         "--settings",
         json.dumps(dict(settings)),
         "--report",
         str(report),
     ]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    env = kiln_env()
     env.setdefault("KILN_LOG_FORMAT", "text")
     print(
         "kiln: compile: starting vLLM to compile the model (about a minute for the tiny one)",
@@ -165,16 +163,3 @@ def _keep_log(log_path: Path) -> Path:
     kept.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(log_path, kept)
     return kept
-
-
-def _drop_volatile(root: Path) -> int:
-    """Remove what is not cache content (lock files, bytecode); returns how many files went."""
-    removed = 0
-    for path in sorted(root.rglob("*"), reverse=True):
-        if any(part in IGNORED_PARTS for part in path.relative_to(root).parts):
-            if path.is_file():
-                removed += 1
-                path.unlink()
-            elif path.is_dir():
-                path.rmdir()
-    return removed

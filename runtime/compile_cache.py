@@ -39,13 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.digest import hex_of, sha256_file
-from artifacts.manifest import FileEntry, Manifest
+from artifacts.manifest import COMPILE_CACHE_DIR, FileEntry, Manifest
 from artifacts.paths import cache_root
 from runtime.host import TargetMismatchError
 
 log = logging.getLogger("kiln.runtime.compile_cache")
 
-CACHE_DIR = "compile_cache"  # inside an artifact
 IGNORED_PARTS = frozenset({"locks", "__pycache__"})  # written on every start (inductor's locks, bytecode), not cache
 WATCH_INTERVAL_S = 10.0
 
@@ -174,7 +173,7 @@ def writable_copy(model_dir: Path, manifest: Manifest) -> Path:
     file is restored from the (verified) artifact; entries a previous miss added are kept.
     """
     dest = copy_root() / hex_of(manifest.digest)
-    prefix = CACHE_DIR + "/"
+    prefix = COMPILE_CACHE_DIR + "/"
     entries = [e for e in manifest.files if e.path.startswith(prefix)]
     dest.mkdir(parents=True, exist_ok=True)
     with open(dest.parent / f".{dest.name}.lock", "w") as lock:
@@ -208,6 +207,17 @@ def point_engine_at(root: Path) -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     os.environ["VLLM_CACHE_ROOT"] = str(root / "vllm")
     os.environ["VLLM_USE_AOT_COMPILE"] = "0"  # its reload fails on CPU and bypasses inductor's cache (see above)
+
+
+def drop_volatile(root: Path) -> None:
+    """Remove what is not cache content (lock files, bytecode) from a freshly filled cache before it is packaged."""
+    for path in sorted(root.rglob("*"), reverse=True):  # files before the directories holding them
+        if not IGNORED_PARTS.intersection(path.relative_to(root).parts):
+            continue
+        if path.is_dir():
+            path.rmdir()
+        else:
+            path.unlink()
 
 
 def cache_files(root: Path) -> set[str]:

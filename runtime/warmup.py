@@ -3,7 +3,8 @@
 The build's ``compile=vllm`` stage runs this in a child process. It starts the engine the way ``serve`` does
 (the same engine class, settings and environment), so the cache it fills is the one serving looks up; sends
 requests that reach the code vLLM compiles lazily (sampling, logprobs, penalties, several sequences); stops;
-and writes this host's compile key (:func:`runtime.compile_cache.host_key`) to the report.
+removes what is not cache content (lock files, bytecode); and writes this host's compile key
+(:func:`runtime.compile_cache.host_key`) to the report.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.logs import setup_logging
-from runtime.compile_cache import cache_files, host_key, point_engine_at
+from runtime.compile_cache import cache_files, drop_volatile, host_key, point_engine_at
 from runtime.engines import ENGINES
 from runtime.engines.base import EngineDeadError, EngineError, EngineSettings, SamplingSpec
 from runtime.host import detect
@@ -53,8 +54,10 @@ async def warm(settings: EngineSettings, cache_dir: Path) -> dict[str, Any]:
         )
     finally:
         await engine.shutdown()
+    key = host_key(settings.device, settings.dtype)  # before cleaning: inductor's ISA probe writes to the cache
+    drop_volatile(cache_dir)
     return {
-        "key": host_key(settings.device, settings.dtype),
+        "key": key,
         "engine_start_s": round(started, 3),
         "total_s": round(time.monotonic() - start, 3),
         "files": len(cache_files(cache_dir)),

@@ -47,9 +47,12 @@ def test_rebuilds_redo_only_what_changed(compiled_uri: str) -> None:
     assert noop.returncode == 0, noop.stderr
     assert "synth cached, convert cached, compile cached" in noop.stderr
     assert noop.stdout.strip().splitlines()[-1] == compiled_uri
-    changed = run_cli("build", "compile=vllm", "compile.kv_cache_gib=2")  # only the compile config
+    # Only the compile config changes; the stage runs in a toolchain subprocess this time (as on a build farm)
+    toolchain = {"KILN_TOOLCHAIN_VLLM_CPU": sys.executable, "KILN_LOG_LEVEL": "INFO"}
+    changed = run_cli("build", "compile=vllm", "compile.kv_cache_gib=2", env=toolchain)
     assert changed.returncode == 0, changed.stderr
     assert "synth cached, convert cached, compile ran" in changed.stderr
+    assert "compile: running in toolchain vllm-cpu (KILN_TOOLCHAIN_VLLM_CPU)" in changed.stderr
     assert changed.stdout.strip().splitlines()[-1] != compiled_uri
 
 

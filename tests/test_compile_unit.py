@@ -155,3 +155,15 @@ def test_build_config_errors_name_the_key(overrides: list[str], key: str) -> Non
     assert proc.stderr.startswith("kiln build failed: [config]")
     assert f"{key}:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_packaged_cache_leaves_out_locks_and_bytecode(tmp_path: Path) -> None:
+    for rel in ("inductor/locks/k.lock", "inductor/ab/__pycache__/w.cpython-311.pyc", "inductor/ab/k.main.so"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    compile_cache.drop_volatile(tmp_path)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "inductor",
+        "inductor/ab",
+        "inductor/ab/k.main.so",
+    ]

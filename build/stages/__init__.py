@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import tempfile
 import time
@@ -21,10 +20,9 @@ from typing import Any
 from build import toolchains
 from build.cache import StageCache, StageRecord, code_digest
 from build.errors import BuildError
-from build.stage_exec import call_entry
+from build.stage_exec import REPO_ROOT, call_entry, kiln_env
 
 log = logging.getLogger("kiln.build.stages")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -101,8 +99,9 @@ def _execute(
                 }
             )
         )
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-        proc = subprocess.run([interp.python, "-m", "build.stage_exec", str(req), str(resp)], env=env, cwd=REPO_ROOT)
+        proc = subprocess.run(
+            [interp.python, "-m", "build.stage_exec", str(req), str(resp)], env=kiln_env(), cwd=REPO_ROOT
+        )
         if not resp.exists():
             raise BuildError(
                 spec.name,
