@@ -13,10 +13,12 @@ This module imports no runtime code: the warm-up is a separate process, started 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -125,24 +127,24 @@ def _warm_up(out: Path, settings: Mapping[str, Any], cfg: VllmCompileConfig, log
     ]
     env = kiln_env()
     env.setdefault("KILN_LOG_FORMAT", "text")
-    print(
-        "kiln: compile: starting vLLM to compile the model (about a minute for the tiny one)",
-        file=sys.stderr,
-        flush=True,
-    )
+    print("kiln: compile: starting vLLM to compile the model (about a minute for the tiny one)", file=sys.stderr)
     start = time.monotonic()
     with open(log_path, "w") as log_file:
+        # its own process group, so that a timeout or an interrupt also stops vLLM's engine processes
+        proc = subprocess.Popen(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True
+        )
         try:
-            proc = subprocess.run(
-                cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, timeout=cfg.timeout_s
-            )
+            _wait(proc, start, cfg.timeout_s)
         except subprocess.TimeoutExpired:
             raise BuildError(
                 "compile",
-                f"the vLLM warm-up did not finish within {cfg.timeout_s}s (log: {log_path})",
+                f"the vLLM warm-up did not finish within {cfg.timeout_s}s (log: {_keep_log(log_path)})",
                 key="compile.timeout_s",
                 fix="raise compile.timeout_s",
             ) from None
+        finally:
+            _stop_group(proc)
     data: dict[str, Any] = json.loads(report.read_text()) if report.is_file() else {}
     if proc.returncode != 0 or "key" not in data:
         kept = _keep_log(log_path)
@@ -155,6 +157,35 @@ def _warm_up(out: Path, settings: Mapping[str, Any], cfg: VllmCompileConfig, log
         log.warning("compile: a warm-up request failed (its code path was still compiled): %s", err)
     print(f"kiln: compile: done in {time.monotonic() - start:.0f}s", file=sys.stderr, flush=True)
     return data
+
+
+def _wait(proc: subprocess.Popen[bytes], start: float, timeout_s: float) -> None:
+    """Wait for the warm-up, showing the elapsed time on a terminal (compiling takes minutes)."""
+    tty = sys.stderr.isatty()
+    while True:
+        try:
+            proc.wait(timeout=max(0.1, min(5.0, start + timeout_s - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() - start >= timeout_s:
+                raise
+            if tty:
+                print(f"\rkiln: compile: warming up vLLM… {time.monotonic() - start:.0f}s", end="", file=sys.stderr)
+            continue
+        if tty:
+            print(file=sys.stderr)
+        return
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """End the warm-up and the engine processes it started, if they are still running."""
+    if proc.poll() is not None:
+        return
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+            return
 
 
 def _keep_log(log_path: Path) -> Path:

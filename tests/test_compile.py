@@ -119,3 +119,15 @@ def test_mismatched_key_is_refused_naming_the_field(compiled_uri: str, tmp_path:
     assert "target.compile.cpu_arch: the cache was compiled for 'sapphirerapids'" in proc.stderr
     assert "--ignore-compile-cache" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_warmup_timeout_is_named_and_leaves_no_process(kiln_env: Path) -> None:
+    proc = run_cli("build", "compile=vllm", "compile.timeout_s=3", "model.name=tiny-timeout", timeout=600)
+    assert proc.returncode == 1
+    assert "[compile] compile.timeout_s: the vLLM warm-up did not finish within 3s" in proc.stderr
+    log = Path(proc.stderr.split("(log: ", 1)[1].split(")", 1)[0])
+    assert log.is_file()
+    assert log.is_relative_to(kiln_env / "logs")
+    leftover = subprocess.run(["pgrep", "-f", f"runtime.warmup {kiln_env}"], capture_output=True, text=True)
+    assert leftover.stdout == ""
+    assert not list((kiln_env / "stages" / "compile").glob(".staging-*"))  # nothing half-built stays
