@@ -24,6 +24,7 @@ prometheus_client's default registry, which ``/metrics`` serves.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import logging
@@ -34,7 +35,7 @@ import subprocess
 import sysconfig
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -151,14 +152,30 @@ def prepare(
     if enforce_eager:
         log.warning("enforce_eager is set: vLLM will not compile, so the artifact's precompiled cache is unused")
         return None
-    bad = mismatch(manifest.target.compile, host_key(device, dtype))
+    copy = writable_copy(model_dir, manifest)
+    with _inductor_cache(copy / "inductor"):  # inductor's ISA probe finds the build's probe there: no g++ run
+        bad = mismatch(manifest.target.compile, host_key(device, dtype))
     if ignore:
         reason = f" (target.compile.{bad[0]}: {bad[1]})" if bad else ""
         log.warning("--ignore-compile-cache: serving without the artifact's precompiled cache%s; vLLM compiles", reason)
         return None
     if bad:
         raise TargetMismatchError(f"compile.{bad[0]}", f"{bad[1]}; pass --ignore-compile-cache to serve without it")
-    return writable_copy(model_dir, manifest)
+    return copy
+
+
+@contextlib.contextmanager
+def _inductor_cache(path: Path) -> Iterator[None]:
+    """Point inductor at ``path`` for a while (it sets the variable itself when it is unset: restore that too)."""
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
 
 
 def copy_root() -> Path:
