@@ -67,6 +67,9 @@ BENCH_PARTS = {
     "serve": "tests.bench.serve_bench",  # vLLM's own OpenAI server vs python -m runtime serve; transformers engine
     "s3": "tests.bench.s3_pull",  # S3 pull vs boto3 download_file; publish and no-op re-publish
     "quantize": "tests.bench.quantize_time",  # kiln's quantize stage vs llm-compressor's oneshot called directly
+    "cold_start": "tests.bench.cold_start",  # serve start-up: precompiled artifact vs plain vLLM compiling at start
+    "rebuild": "tests.bench.rebuild",  # incremental builds: no-op and one-stage rebuilds vs a cold build
+    "multiproc_load": "tests.bench.multiproc_load",  # several replicas starting from one compile cache
 }
 
 

@@ -20,6 +20,7 @@ from artifacts.errors import ManifestError
 
 SCHEMA = "kiln.artifact/v1"
 MANIFEST_NAME = "manifest.json"
+COMPILE_CACHE_DIR = "compile_cache"  # an engine's precompiled cache inside an artifact (compile=vllm)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 DEVICE_KINDS = ("cpu", "cuda", "neuron")
 # The engines an artifact can target, and the device kinds each can run on (the build narrows this per

@@ -21,5 +21,19 @@ def main(cfg: DictConfig) -> None:
         sys.exit(code)
 
 
+def _refuse_build_prefix(args: list[str]) -> None:
+    """``build.force=true`` (as some notes spell it) would die in Hydra's parser with a misleading hint; the build's
+    keys have no ``build.`` prefix (the whole config is the build), so name the key and the spelling that works."""
+    for arg in args:
+        key = arg.lstrip("+~").partition("=")[0]
+        if key.startswith("build."):
+            fixed = arg.replace("build.", "", 1)
+            print(
+                f"kiln build failed: [config] {key}: build keys have no 'build.' prefix; use {fixed}", file=sys.stderr
+            )
+            sys.exit(1)
+
+
 if __name__ == "__main__":
+    _refuse_build_prefix(sys.argv[1:])
     main()

@@ -48,15 +48,22 @@ def files_digest(files: tuple[FileEntry, ...] | list[FileEntry]) -> str:
     return sha256_bytes(canonical_json([[f.path, f.size, f.sha256] for f in sorted(files, key=lambda f: f.path)]))
 
 
-def code_digest(entry: str) -> str:
-    """Digest of the .py files in the entry module's package directory: stage code changes invalidate the cache."""
-    spec = importlib.util.find_spec(entry.partition(":")[0])
-    if spec is None or spec.origin is None:
-        raise ValueError(f"stage entry {entry!r} names no importable module")
+def code_digest(entry: str, *modules: str) -> str:
+    """Digest of the .py files in the entry module's package directory, plus the files of ``modules`` (code of
+    other packages the stage runs, e.g. the runtime's warm-up): stage code changes invalidate the cache."""
     h = hashlib.sha256()
-    for path in sorted(Path(spec.origin).parent.glob("*.py")):
+    for path in sorted(_module_file(entry.partition(":")[0]).parent.glob("*.py")):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for module in modules:
+        h.update(module.encode() + b"\0" + _module_file(module).read_bytes() + b"\0")
     return "sha256:" + h.hexdigest()
+
+
+def _module_file(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"stage code {module!r} names no importable module")
+    return Path(spec.origin)
 
 
 class StageCache:

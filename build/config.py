@@ -175,6 +175,8 @@ def _problems(cfg: BuildConfig) -> list[tuple[str, str]]:
         out.extend(_quantize_problems(cfg))
     if cfg.compile.backend not in COMPILERS:
         out.append(("compile", f"unknown backend {cfg.compile.backend!r}; known: {sorted(COMPILERS)}"))
+    else:
+        out.extend(cfg.compile.problems(cfg))
     if cfg.target.tensor_parallel_degree < 1:
         out.append(("target.tensor_parallel_degree", "must be >= 1"))
     if cfg.target.max_model_len is not None and cfg.target.max_model_len < 1:

@@ -89,7 +89,8 @@ def _optional_stages(
         out.append(_quantize_stage(cfg, q.backend.toolchain, q.backend.entry, context, record))
     c = COMPILERS[cfg.compile.backend]
     if c.entry and c.toolchain:
-        out.append((StageSpec("compile", c.toolchain, c.entry), {"config": to_plain(cfg.compile), **context}, {}))
+        spec = StageSpec("compile", c.toolchain, c.entry, host_bound=True, code=c.code)
+        out.append((spec, {"config": to_plain(cfg.compile), **context}, {}))
     return out
 
 

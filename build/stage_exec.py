@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Mapping
@@ -19,6 +20,12 @@ from build.errors import as_build_error
 from build.toolchains import installed_versions
 
 StageFn = Callable[[Mapping[str, Any], Mapping[str, Path], Path], Mapping[str, Any]]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def kiln_env() -> dict[str, str]:
+    """This environment, with kiln's packages importable from this checkout: for Python child processes."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
 
 
 def load_entry(entry: str) -> StageFn:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -10,3 +11,10 @@ class CompileConfig:
     """Base schema of every ``compile=`` option; ``backend`` is the registry key."""
 
     backend: str = "none"
+
+    def problems(self, build: Any) -> list[tuple[str, str]]:
+        """``(override key, message)`` for each value this option cannot work with, given the whole build config.
+
+        Checked once, at the edge, with the rest of the build config (build/config.py: validate).
+        """
+        return []

@@ -43,6 +43,14 @@ SETTINGS: list[tuple[str, dict[str, Any]]] = [
     ("--tgi-compat", {"action": argparse.BooleanOptionalAction}),
     ("--chat-template", {"help": "Jinja chat template (file or text) instead of the tokenizer's"}),
     ("--graceful-timeout", {"type": float, "help": "seconds to drain in-flight requests on SIGTERM"}),
+    (
+        "--ignore-compile-cache",
+        {
+            "action": "store_true",
+            "help": "serve a precompiled artifact without its compile cache, even where its target.compile key does "
+            "not match this host (vLLM then compiles at start)",
+        },
+    ),
 ]
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from artifacts.errors import ArtifactError
+from runtime import compile_cache
 from runtime.config import (
     ConfigError,
     Entry,
@@ -101,6 +103,16 @@ def plan(model: ResolvedModel, cfg: ServeConfig, host: Host | None = None) -> tu
         kv_cache_gib=cfg.kv_cache_gib,
         extra=dict(cfg.engine_args),
     )
+    if model.manifest is not None and model.manifest.target.compile:
+        cache = compile_cache.prepare(
+            model.path,
+            model.manifest,
+            settings.device,
+            settings.dtype,
+            enforce_eager=settings.enforce_eager,
+            ignore=cfg.ignore_compile_cache,
+        )
+        settings = replace(settings, compile_cache=cache)
     return engine, settings
 
 

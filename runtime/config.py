@@ -64,6 +64,9 @@ class ServeConfig(BaseModel):
     tgi_compat: bool = Field(False, description="LMI responses in TGI's form (array, SSE streaming)")
     chat_template: str | None = Field(None, description="Jinja chat template: a file path or the template text")
     graceful_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
+    ignore_compile_cache: bool = Field(
+        False, description="serve a precompiled artifact without its compile cache where its key does not match"
+    )
     engine_args: dict[str, Any] = Field(default_factory=dict, description="engine-native keys passed through")
 
 

@@ -22,6 +22,7 @@ def test_runtime_never_imports_the_build_side() -> None:
     code = (
         "import sys, runtime, runtime.__main__, runtime.server, runtime.service, runtime.app, runtime.resolve;"
         "import runtime.engines.vllm, runtime.engines.transformers, runtime.config, runtime.lmi, runtime.metrics;"
+        "import runtime.compile_cache, runtime.warmup;"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('build', 'quantize', 'compile', 'hydra', 'omegaconf')];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -58,8 +59,7 @@ def test_target_picks_best_device() -> None:
         ({"engine_version": ">=99"}, CPU_HOST, "engine_version"),
         ({"tensor_parallel_degree": 4}, GPU_HOST, "tensor_parallel_degree"),
         ({"unknown": {"gpu_arch": "sm_90"}}, GPU_HOST, "gpu_arch"),
-        ({"compile": {"torch": "2.13.0"}}, CPU_HOST, "compile.torch"),
-    ],
+    ],  # target.compile is checked with the engine settings: tests/test_compile_unit.py
 )
 def test_target_mismatch_names_the_field(kw: dict[str, object], host: Host, field: str) -> None:
     with pytest.raises(TargetMismatchError) as err:
@@ -98,3 +98,22 @@ def test_plain_hf_directory_is_accepted_without_manifest(tmp_path: Path) -> None
     empty.mkdir()
     with pytest.raises(ArtifactError, match="neither manifest.json nor"):
         resolve(str(empty))
+
+
+def test_prompt_logprobs_come_once_with_delta_outputs() -> None:
+    """vLLM sends prompt logprobs in the first DELTA output and [] (not None) in the later ones."""
+    from types import SimpleNamespace
+
+    from runtime.engines.vllm import _convert
+
+    seq = SimpleNamespace(index=0, text="a", token_ids=[5], logprobs=None, finish_reason=None, stop_reason=None)
+    first = SimpleNamespace(
+        outputs=[seq],
+        prompt_token_ids=[1, 2],
+        prompt_logprobs=[None, {2: SimpleNamespace(logprob=-1.0, rank=1, decoded_token="b")}],
+        finished=False,
+        num_cached_tokens=0,
+    )
+    later = SimpleNamespace(**{**vars(first), "prompt_logprobs": []})
+    assert _convert(first, 0, 1).prompt_logprobs[1].logprob == -1.0  # type: ignore[index,union-attr]
+    assert _convert(later, 0, 1).prompt_logprobs is None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,10 +21,9 @@ from typing import Any
 from build import toolchains
 from build.cache import StageCache, StageRecord, code_digest
 from build.errors import BuildError, as_build_error
-from build.stage_exec import call_entry
+from build.stage_exec import REPO_ROOT, call_entry, kiln_env
 
 log = logging.getLogger("kiln.build.stages")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -39,6 +37,8 @@ class StageSpec:
     name: str  # "synth", "convert", "quantize", "compile"
     toolchain: str
     entry: str  # "module:function"
+    host_bound: bool = False  # output is machine code for this host: its CPU and interpreter join the cache key
+    code: tuple[str, ...] = ()  # modules outside the entry's package whose code shapes the output
 
 
 def run_stage(
@@ -57,8 +57,10 @@ def run_stage(
         "params": dict(params),
         "inputs": {k: v.digest for k, v in sorted(inputs.items())},
         "toolchain": {"name": tc.name, "lock": tc.lock_digest},
-        "code": code_digest(spec.entry),
+        "code": code_digest(spec.entry, *spec.code),
     }
+    if spec.host_bound:
+        key_material["host"] = toolchains.host_fingerprint(tc)
     if not force and (hit := cache.lookup(spec.name, key_material)):
         log.info("%s: cache hit (%s)", spec.name, hit.output_digest)
         return hit
@@ -102,10 +104,12 @@ def _execute(
                 }
             )
         )
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
         # The stage's stdout goes to stderr: the build's stdout carries only the artifact URI.
         proc = subprocess.run(
-            [interp.python, "-m", "build.stage_exec", str(req), str(resp)], env=env, cwd=REPO_ROOT, stdout=sys.stderr
+            [interp.python, "-m", "build.stage_exec", str(req), str(resp)],
+            env=kiln_env(),
+            cwd=REPO_ROOT,
+            stdout=sys.stderr,
         )
         if not resp.exists():
             raise BuildError(

@@ -118,12 +118,31 @@ def installed_versions(packages: Iterable[str]) -> dict[str, str]:
     return versions
 
 
-def resolve(tc: Toolchain) -> Interpreter:
+def resolve(tc: Toolchain, *, create: bool = True) -> Interpreter:
+    """The interpreter ``tc``'s stages run in; ``create=False`` names a managed one without creating it."""
     if python := os.environ.get(env_var(tc.name)):
         return Interpreter(python=python, in_process=False, origin=env_var(tc.name))
     if not mismatches(tc):
         return Interpreter(python=sys.executable, in_process=True, origin="current")
-    return Interpreter(python=str(ensure_managed(tc)), in_process=False, origin="managed")
+    managed = ensure_managed(tc) if create else managed_dir(tc) / "bin" / "python"
+    return Interpreter(python=str(managed), in_process=False, origin="managed")
+
+
+def host_fingerprint(tc: Toolchain) -> dict[str, str]:
+    """What a host-bound stage's output (machine code) depends on besides its inputs: this CPU, and the
+    interpreter the stage runs in (compiled kernels are keyed by its install paths). Starts no process."""
+    return {"machine": platform.machine(), "cpu": _cpu_id(), "python": resolve(tc, create=False).python}
+
+
+def _cpu_id() -> str:
+    """The CPU model and a digest of its feature flags (what ``-march=native`` compiles for)."""
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+    except OSError:
+        return platform.processor() or "unknown"
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
+    flags = " ".join(sorted(fields.get("flags", fields.get("Features", "")).split()))
+    return f"{fields.get('model name', 'unknown')} [{hashlib.sha256(flags.encode()).hexdigest()[:16]}]"
 
 
 def managed_root() -> Path:

@@ -107,6 +107,7 @@ class EngineSettings:
     kv_cache_gib: float | None = None  # KV cache budget (CPU hosts need one)
     device: str = "cpu"
     extra: Mapping[str, Any] = field(default_factory=dict)  # engine-native keys passed through
+    compile_cache: Path | None = None  # writable copy of the artifact's precompiled cache (runtime/compile_cache.py)
 
 
 class Engine(Protocol):

@@ -12,6 +12,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+from runtime import compile_cache
 from runtime.engines.base import (
     EngineDeadError,
     EngineError,
@@ -91,6 +92,7 @@ class VllmEngine:
         self.max_model_len = settings.max_model_len or 0
         self._llm: Any = None
         self._sched: Any = None  # the engine core's latest SchedulerStats (running, waiting, KV usage)
+        self._cache_watch: compile_cache.CacheWatch | None = None
 
     async def start(self) -> None:
         # vLLM's CPU platform refuses to start unless the KV cache fits a memory-utilization budget; the
@@ -101,8 +103,13 @@ class VllmEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         os.environ.setdefault("DO_NOT_TRACK", "1")
+        if self.settings.compile_cache is not None:
+            compile_cache.point_engine_at(self.settings.compile_cache)
+            self._cache_watch = compile_cache.CacheWatch(self.settings.compile_cache)
         self._llm = await asyncio.to_thread(self._build)
         self.max_model_len = int(self._llm.model_config.max_model_len)
+        if self._cache_watch is not None:
+            self._cache_watch.started()
 
     def _build(self) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -209,6 +216,8 @@ class VllmEngine:
         )
 
     async def shutdown(self) -> None:
+        if self._cache_watch is not None:
+            self._cache_watch.stop()
         llm, self._llm = self._llm, None
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)

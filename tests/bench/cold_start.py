@@ -1,0 +1,119 @@
+"""Cold start of the tiny artifact: ``python -m runtime serve`` with the packaged compile cache, without it, and
+bare ``python -m vllm.entrypoints.openai.api_server`` on the same weights, in the same run.
+
+    python -m tests.bench.cold_start [--rounds 2] [--out results.json]
+
+Every start is a new process on a "new machine" (empty torch inductor, vLLM and kiln caches), as a fresh
+container would be, except "bare vLLM, warm cache", which reuses vLLM's own caches from an earlier start on this
+machine. The figure is process start → first streamed token of a completion sent as soon as the server is ready.
+Variants run interleaved, round after round; medians are reported, with the ratio to bare vLLM. Then the phases
+of one start of each kind, from the moments its log lines appeared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from tests.bench._serve import PY, Start, build_tiny, free_port, fresh_machine_env, median, pull, start_and_first_token
+
+ENGINE_ARGS = ["--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", "32"]
+PHASES = [  # (label, log pattern): the moment each phase ends
+    ("runtime imported, artifact verified", r"kiln\.runtime: verified"),
+    ("host + compile key checked, cache copied, HTTP up", r"kiln\.runtime: listening"),
+    ("vLLM imported, engine config built (API process)", r"Resolved architecture"),
+    ("engine core process spawned, vLLM imported again", r"\(EngineCore pid="),
+    ("worker process spawned, vLLM imported again", r"\((VllmWorker|Worker)[^)]* pid="),
+    ("weights loaded", r"Loading weights took"),
+    ("torch.compile: compiled or loaded from cache", r"Warming up done"),
+    ("KV cache allocated, engine ready", r"init engine \(profile, create kv cache, warmup model\) took"),
+    ("server ready", r"kiln\.runtime: ready|Application startup complete"),
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="kiln-bench-cold-"))
+    try:
+        results = bench(work, args.rounds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+def bench(work: Path, rounds: int) -> dict[str, object]:
+    cache = work / "build-cache"
+    plain = pull(build_tiny(cache), cache, work / "tiny-plain")
+    compiled = pull(build_tiny(cache, "compile=vllm"), cache, work / "tiny-compiled")
+    warm_vllm = fresh_machine_env(work)  # bare vLLM's own caches, primed once below
+    variants = {
+        "kiln serve, packaged cache": lambda port: (_kiln(compiled, port), fresh_machine_env(work)),
+        "kiln serve, packaged cache, VLLM_ENABLE_V1_MULTIPROCESSING=0": lambda port: (
+            _kiln(compiled, port),
+            fresh_machine_env(work, VLLM_ENABLE_V1_MULTIPROCESSING="0"),
+        ),
+        "kiln serve, no cache": lambda port: (_kiln(plain, port), fresh_machine_env(work)),
+        "bare vLLM, no cache": lambda port: (_vllm(plain, port), fresh_machine_env(work)),
+        "bare vLLM, its own warm cache": lambda port: (_vllm(plain, port), warm_vllm),
+    }
+    port = free_port()
+    print("priming bare vLLM's own cache (not measured)", flush=True)
+    start_and_first_token(_vllm(plain, port), warm_vllm, port, "/health")
+    starts: dict[str, list[Start]] = {name: [] for name in variants}
+    for r in range(rounds):
+        for name, make in variants.items():
+            port = free_port()
+            cmd, env = make(port)
+            s = start_and_first_token(cmd, env, port, "/health" if "vLLM" in name.split(",")[0] else "/ping")
+            starts[name].append(s)
+            print(f"round {r + 1}: {name}: first token {s.first_token_s:.1f}s (ready {s.ready_s:.1f}s)", flush=True)
+    return report(starts)
+
+
+def _kiln(model: Path, port: int) -> list[str]:
+    return [PY, "-m", "runtime", "serve", str(model), "--port", str(port)]
+
+
+def _vllm(model: Path, port: int) -> list[str]:
+    return [
+        PY,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        *ENGINE_ARGS,
+        "--kv-cache-memory-bytes",
+        str(1 << 30),  # what kiln's runtime gives vLLM on CPU
+    ]
+
+
+def report(starts: dict[str, list[Start]]) -> dict[str, object]:
+    bare = median([s.first_token_s for s in starts["bare vLLM, no cache"]])
+    print("\n| start (tiny artifact) | first token, median s | runs | vs bare vLLM, no cache |\n|---|---|---|---|")
+    out: dict[str, object] = {}
+    for name, runs in starts.items():
+        m = median([s.first_token_s for s in runs])
+        print(f"| {name} | {m:.1f} | {', '.join(f'{s.first_token_s:.1f}' for s in runs)} | {m / bare:.2f}x |")
+        out[name] = {"first_token_s": [s.first_token_s for s in runs], "median_s": m, "ratio_to_bare": m / bare}
+    for name, runs in starts.items():
+        print(f"\nphases of one start: {name}\n| ends at s | phase |\n|---|---|")
+        s = runs[-1]
+        for label, pattern in PHASES:
+            t = s.at(pattern)
+            if t is not None:
+                print(f"| {t:.1f} | {label} |")
+        print(f"| {s.first_token_s:.1f} | first token |")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""``compile=vllm`` end to end: the build packages vLLM's compile cache, a start elsewhere hits it (judged from the
+cache directory, where inductor writes an entry whenever it compiles), a mismatched key is refused, and the
+stage cache reruns only what a change touches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+
+from runtime import compile_cache
+from tests.conftest import ROOT, Server, build, free_port, run_cli, wait_ready
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def compiled_uri() -> str:
+    return build("compile=vllm")
+
+
+def manifest_of(uri: str) -> dict:  # type: ignore[type-arg]
+    proc = run_cli("artifacts", "show", uri)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["manifest"]  # type: ignore[no-any-return]
+
+
+def test_artifact_holds_the_model_the_cache_and_its_key(compiled_uri: str) -> None:
+    manifest = manifest_of(compiled_uri)
+    paths = {f["path"] for f in manifest["files"]}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= paths
+    cache = {p for p in paths if p.startswith("compile_cache/")}
+    assert any(p.startswith("compile_cache/inductor/fxgraph/") for p in cache)  # the compiled graph
+    assert any(p.endswith(".so") for p in cache)  # its C++ kernels
+    assert not any("/locks/" in p or "__pycache__" in p for p in cache)
+    assert manifest["target"]["compile"] == compile_cache.host_key("cpu", "bfloat16")
+    assert [s["stage"] for s in manifest["provenance"]["stages"]] == ["synth", "convert", "compile"]
+
+
+def test_rebuilds_redo_only_what_changed(compiled_uri: str) -> None:
+    noop = run_cli("build", "compile=vllm")
+    assert noop.returncode == 0, noop.stderr
+    assert "synth cached, convert cached, compile cached" in noop.stderr
+    assert noop.stdout.strip().splitlines()[-1] == compiled_uri
+    # Only the compile config changes; the stage runs in a toolchain subprocess this time (as on a build farm)
+    toolchain = {"KILN_TOOLCHAIN_VLLM_CPU": sys.executable, "KILN_LOG_LEVEL": "INFO"}
+    changed = run_cli("build", "compile=vllm", "compile.kv_cache_gib=2", env=toolchain)
+    assert changed.returncode == 0, changed.stderr
+    assert "synth cached, convert cached, compile ran" in changed.stderr
+    assert "compile: running in toolchain vllm-cpu (KILN_TOOLCHAIN_VLLM_CPU)" in changed.stderr
+    assert changed.stdout.strip().splitlines()[-1] != compiled_uri
+
+
+@pytest.fixture
+def elsewhere(compiled_uri: str, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The artifact in another directory, and the environment of another user (home, name, kiln cache)."""
+    art = tmp_path / "deploy" / "models" / "tiny"
+    assert run_cli("artifacts", "pull", compiled_uri, str(art)).returncode == 0
+    home = tmp_path / "home" / "someone"
+    home.mkdir(parents=True)
+    # The user enters caches only through these (torch's default cache is /tmp/torchinductor_$USER; vLLM's and
+    # kiln's default under $HOME); getpass.getuser() reads LOGNAME/USER first.
+    env = {"HOME": str(home), "USER": "someone", "LOGNAME": "someone", "KILN_CACHE": str(home / ".cache" / "kiln")}
+    return art, env
+
+
+def start(model: Path, env: dict[str, str], cwd: Path, log: Path, *extra: str) -> Server:
+    port = free_port()
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "KILN_LOG_FORMAT": "text", **env}
+    for key in ("TORCHINDUCTOR_CACHE_DIR", "VLLM_CACHE_ROOT", "XDG_CACHE_HOME"):
+        full_env.pop(key, None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime", "serve", str(model), "--port", str(port), *extra],
+            cwd=cwd,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    server = Server(proc, f"http://127.0.0.1:{port}", log, [])
+    wait_ready(server, 600)
+    return server
+
+
+def test_start_elsewhere_as_another_user_hits_the_packaged_cache(
+    compiled_uri: str, elsewhere: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    art, env = elsewhere
+    server = start(art, env, Path(env["HOME"]), tmp_path / "serve.log")
+    try:
+        client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
+        chat = [{"role": "user", "content": "What color is the sky?"}]
+        client.chat.completions.create(model="tiny-llama", messages=chat, max_tokens=8, logprobs=True, top_logprobs=3)
+        client.completions.create(model="tiny-llama", prompt="Once", max_tokens=8, n=2, temperature=0.9, top_p=0.8)
+        # inductor writes a cache entry for everything it compiles: the copy holds exactly the packaged files
+        copy = Path(env["KILN_CACHE"]) / "compile" / compiled_uri.rsplit(":", 1)[1]
+        assert compile_cache.cache_files(copy) == compile_cache.cache_files(art / "compile_cache")
+    finally:
+        assert server.stop() == 0
+    logs = server.logs()
+    assert "compile cache hit: the engine started from the artifact's precompiled cache" in logs, logs[-3000:]
+    assert "compile cache miss" not in logs
+
+
+def test_mismatched_key_is_refused_naming_the_field(compiled_uri: str, tmp_path: Path) -> None:
+    art = tmp_path / "art"
+    assert run_cli("artifacts", "pull", compiled_uri, str(art)).returncode == 0
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["target"]["compile"]["cpu_arch"] = "sapphirerapids"
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    proc = run_cli("runtime", "serve", str(art), "--port", "1", timeout=300)
+    assert proc.returncode == 1
+    assert "target.compile.cpu_arch: the cache was compiled for 'sapphirerapids'" in proc.stderr
+    assert "--ignore-compile-cache" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_warmup_timeout_is_named_and_leaves_no_process(kiln_env: Path) -> None:
+    proc = run_cli("build", "compile=vllm", "compile.timeout_s=3", "model.name=tiny-timeout", timeout=600)
+    assert proc.returncode == 1
+    assert "[compile] compile.timeout_s: the vLLM warm-up did not finish within 3s" in proc.stderr
+    log = Path(proc.stderr.split("(log: ", 1)[1].split(")", 1)[0])
+    assert log.is_file()
+    assert log.is_relative_to(kiln_env / "logs")
+    leftover = subprocess.run(["pgrep", "-f", f"runtime.warmup {kiln_env}"], capture_output=True, text=True)
+    assert leftover.stdout == ""
+    assert not list((kiln_env / "stages" / "compile").glob(".staging-*"))  # nothing half-built stays
