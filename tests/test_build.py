@@ -102,6 +102,25 @@ def test_stage_runs_in_a_toolchain_subprocess(tiny_uri: str, tmp_path: Path) -> 
     assert digest_of(proc.stdout.strip().splitlines()[-1]) == digest_of(tiny_uri)
 
 
+def test_failed_toolchain_creation_is_named_and_leaves_no_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from build import toolchains
+
+    reqs = tmp_path / "broken.txt"
+    reqs.write_text("kiln-no-such-package-anywhere==0.0.1\n")
+    tc = toolchains.Toolchain("broken", reqs)
+    monkeypatch.setenv("KILN_TOOLCHAINS_DIR", str(tmp_path / "envs"))
+    with pytest.raises(BuildError) as err:
+        toolchains.ensure_managed(tc)
+    msg = str(err.value)
+    assert "creating the 'broken' environment failed" in msg
+    assert "kiln-no-such-package-anywhere" in msg  # pip's own reason, held back on a pipe, comes with the error
+    assert "KILN_TOOLCHAIN_BROKEN" in msg
+    assert not toolchains.managed_dir(tc).exists()  # no half-made environment is left to be trusted later
+    assert "Collecting" not in capsys.readouterr().err  # pip's chatter stays out of a non-terminal log
+
+
 def test_hf_directory_source_with_sharding(tiny_checkpoint: Path, tmp_path: Path) -> None:
     uri = build("model=hf", f"model.source={tiny_checkpoint}", "model.name=small", "convert.max_shard_size=100KB")
     out = tmp_path / "pulled"

@@ -172,33 +172,32 @@ def ensure_managed(tc: Toolchain) -> Path:
             f"kiln: creating toolchain environment {tc.name!r} in {venv} (first use; this can take minutes)",
             file=sys.stderr,
         )
-        try:
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-            subprocess.run(
-                [
-                    str(python),
-                    "-m",
-                    "pip",
-                    "install",
-                    "--progress-bar",
-                    "on" if sys.stderr.isatty() else "off",
-                    "-r",
-                    str(tc.requirements),
-                ],
-                check=True,
-                stdout=sys.stderr,
+        # pip's output is the progress on a terminal; on a pipe it is held back (shown if it fails) so the
+        # build's log stays quiet, unless KILN_LOG_LEVEL=DEBUG asks for it.
+        loud = sys.stderr.isatty() or os.environ.get("KILN_LOG_LEVEL", "").upper() == "DEBUG"
+        pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
+        steps = [
+            [sys.executable, "-m", "venv", str(venv)],
+            [*pip, "install", "--progress-bar", "on" if loud else "off", "-r", str(tc.requirements)],
+        ]
+        if tc.post_uninstall:
+            steps.append([*pip, "uninstall", "-y", *tc.post_uninstall])
+        for step in steps:
+            proc = subprocess.run(
+                step,
+                stdout=sys.stderr if loud else subprocess.PIPE,
+                stderr=None if loud else subprocess.STDOUT,
+                text=True,
             )
-            if tc.post_uninstall:
-                subprocess.run(
-                    [str(python), "-m", "pip", "uninstall", "-y", *tc.post_uninstall], check=True, stdout=sys.stderr
+            if proc.returncode != 0:
+                shutil.rmtree(venv, ignore_errors=True)
+                tail = "" if loud else "\n" + "\n".join((proc.stdout or "").splitlines()[-20:])
+                raise BuildError(
+                    "toolchain",
+                    f"creating the {tc.name!r} environment failed: {' '.join(step[:4])} … exited {proc.returncode}"
+                    + tail,
+                    fix=f"check network access to the package index, or set {env_var(tc.name)} to a python "
+                    f"that has {tc.requirements.name}'s packages",
                 )
-        except subprocess.CalledProcessError as exc:
-            shutil.rmtree(venv, ignore_errors=True)
-            raise BuildError(
-                "toolchain",
-                f"creating the {tc.name!r} environment failed ({exc})",
-                fix=f"check network access to the package index, or set {env_var(tc.name)} to a python "
-                f"that has {tc.requirements.name}'s packages",
-            ) from exc
         done.touch()
     return python
