@@ -49,9 +49,11 @@ def _env(bin_dir: Path) -> dict[str, str]:
 
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
-    """The test suite (unit + integration with the real vLLM CPU engine). Extra args go to pytest."""
+    """The test suite (unit + integration with the real vLLM CPU engine), without the tests marked ``slow``.
+    Extra args replace that default and go to pytest: ``nox -s tests -- tests`` runs everything."""
     bin_dir = shared_env(session)
-    session.run(str(bin_dir / "python"), "-m", "pytest", *session.posargs, env=_env(bin_dir), external=True)
+    args = session.posargs or ["-m", "not slow"]
+    session.run(str(bin_dir / "python"), "-m", "pytest", *args, env=_env(bin_dir), external=True)
 
 
 @nox.session(venv_backend="none")

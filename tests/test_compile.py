@@ -16,7 +16,7 @@ import pytest
 from runtime import compile_cache
 from tests.conftest import ROOT, Server, build, free_port, run_cli, wait_ready
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
