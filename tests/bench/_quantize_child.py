@@ -13,7 +13,14 @@ import time
 from pathlib import Path
 
 from quantize import data, fidelity, preflight
-from quantize.llmcompressor_backend import LlmCompressor, calibration_dataset, load_for_quantization, needs_data, recipe
+from quantize.llmcompressor_backend import (
+    LlmCompressor,
+    calibration_dataset,
+    cpu_without_pinned_memory,
+    load_for_quantization,
+    needs_data,
+    recipe,
+)
 from quantize.stage import carry_files, load_source, parse, seed_everything
 
 
@@ -40,7 +47,9 @@ def main(mode: str, spec_path: str, out: str) -> None:
                 "max_seq_length": cfg.seq_len,
                 "shuffle_calibration_samples": False,
             }
-        oneshot(model=model, recipe=recipe(cfg), **kwargs)
+        # The user's script needs kiln's AWQ workaround too: llm-compressor 0.14.0.1 pins memory on CPU-only hosts.
+        with cpu_without_pinned_memory():
+            oneshot(model=model, recipe=recipe(cfg), **kwargs)
         model.save_pretrained(str(out_dir), save_compressed=True)
         print(json.dumps({"seconds": time.monotonic() - start}))
         return
