@@ -17,7 +17,7 @@ from typing import Any
 
 from artifacts.errors import ArtifactError
 from artifacts.logs import setup_logging
-from runtime.app import configure, plan, serve
+from runtime.app import configure, plan, serve, with_compile_cache
 from runtime.config import ConfigError, as_json, render
 from runtime.host import TargetMismatchError
 
@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         model, resolved = configure(cli, args.option, os.environ)
         log.info("verified %s (%s)", model.name, model.source)
         engine, settings = plan(model, resolved.config)
+        if args.command == "serve":
+            settings = with_compile_cache(model, resolved.config, settings)
     except TargetMismatchError as exc:
         print(f"kiln runtime: this artifact cannot run here: {exc}", file=sys.stderr)
         return 1

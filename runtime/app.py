@@ -103,17 +103,24 @@ def plan(model: ResolvedModel, cfg: ServeConfig, host: Host | None = None) -> tu
         kv_cache_gib=cfg.kv_cache_gib,
         extra=dict(cfg.engine_args),
     )
-    if model.manifest is not None and model.manifest.target.compile:
-        cache = compile_cache.prepare(
-            model.path,
-            model.manifest,
-            settings.device,
-            settings.dtype,
-            enforce_eager=settings.enforce_eager,
-            ignore=cfg.ignore_compile_cache,
-        )
-        settings = replace(settings, compile_cache=cache)
     return engine, settings
+
+
+def with_compile_cache(model: ResolvedModel, cfg: ServeConfig, settings: EngineSettings) -> EngineSettings:
+    """For a precompiled artifact: check its compile key against this host and the settings, and point the engine
+    at a verified writable copy of its cache. Only ``serve`` does this: it imports torch and copies files, work
+    that ``python -m runtime config`` has no use for. Raises TargetMismatchError naming a mismatched key field."""
+    if model.manifest is None or not model.manifest.target.compile:
+        return settings
+    cache = compile_cache.prepare(
+        model.path,
+        model.manifest,
+        settings.device,
+        settings.dtype,
+        enforce_eager=settings.enforce_eager,
+        ignore=cfg.ignore_compile_cache,
+    )
+    return replace(settings, compile_cache=cache)
 
 
 def chat_template(resolved: Resolved) -> str | None:

@@ -119,6 +119,10 @@ def test_mismatched_key_is_refused_naming_the_field(compiled_uri: str, tmp_path:
     assert "target.compile.cpu_arch: the cache was compiled for 'sapphirerapids'" in proc.stderr
     assert "--ignore-compile-cache" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # `runtime config` only resolves settings: it neither checks the compile key nor copies the cache.
+    proc = run_cli("runtime", "config", str(art), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "enforce_eager" in proc.stdout
 
 
 def test_warmup_timeout_is_named_and_leaves_no_process(kiln_env: Path) -> None:
