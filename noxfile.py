@@ -35,8 +35,7 @@ def shared_env(session: nox.Session) -> Path:
         session.log(f"creating {SHARED} (vLLM CPU + build toolchain + dev tools; a few minutes the first time)")
         shutil.rmtree(SHARED, ignore_errors=True)
         session.run(sys.executable, "-m", "venv", str(SHARED), external=True)
-        # --no-compile: byte-compiling all of torch and vLLM at install is minutes; imports compile what they use.
-        pip = [str(python), "-m", "pip", "install", "--no-compile", "--progress-bar", "off"]
+        pip = [str(python), "-m", "pip", "install", "--progress-bar", "off"]
         session.run(*pip, *sum((["-r", p] for p in TOOLCHAINS), []), external=True)
         session.run(*pip, "-e", ".[runtime,build,dev]", external=True)
         session.run(str(python), "-m", "pip", "uninstall", "-y", *BROKEN_EXTRAS, external=True)

@@ -178,9 +178,7 @@ def ensure_managed(tc: Toolchain) -> Path:
         pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
         steps = [
             [sys.executable, "-m", "venv", str(venv)],
-            # --no-compile: byte-compiling every installed file (torch alone is thousands) is a large share of
-            # the install; the few modules a stage imports are compiled on first import instead.
-            [*pip, "install", "--no-compile", "--progress-bar", "on" if loud else "off", "-r", str(tc.requirements)],
+            [*pip, "install", "--progress-bar", "on" if loud else "off", "-r", str(tc.requirements)],
         ]
         if tc.post_uninstall:
             steps.append([*pip, "uninstall", "-y", *tc.post_uninstall])
