@@ -41,6 +41,21 @@ def kiln_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             os.environ[k] = v
 
 
+@pytest.fixture
+def hydra() -> Iterator[None]:
+    """Hydra initialized on the real ``conf/`` with kiln's schemas registered, for ``compose``."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from build.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run ``python -m <args>`` from the repository root, capturing text output."""
     return subprocess.run(

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from omegaconf import DictConfig
 
-from build.config import BuildConfig, register_configs, validate
+from build.config import BuildConfig, validate
 from build.errors import ConfigError
 from compile.registry import COMPILERS
 from quantize.registry import QUANTIZERS
 
 pytestmark = pytest.mark.unit
 CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-@pytest.fixture
-def hydra() -> Iterator[None]:
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
 
 
 def options(group: str) -> list[str]:

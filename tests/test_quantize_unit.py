@@ -4,15 +4,13 @@ preflight, calibration windows, the fidelity arithmetic and gate, and the runtim
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 
 from artifacts.manifest import Target
-from build.config import register_configs, validate
+from build.config import validate
 from build.errors import BuildError, ConfigError, as_build_error
 from quantize import data, fidelity, preflight
 from quantize.config import GptqConfig, stage_config
@@ -21,15 +19,6 @@ from quantize.registry import QUANTIZERS, UnsupportedError, plan
 from runtime.host import Host, TargetMismatchError, check_target
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture
-def hydra() -> Iterator[None]:
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
 
 
 def problems_of(*overrides: str) -> str:
