@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from artifacts.errors import VerificationError
+from artifacts.names import DIGEST_RE
 
 CHUNK = 4 * 1024 * 1024
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 def is_digest(text: str) -> bool:
     """True for ``sha256:<64 lowercase hex>``."""
-    return bool(_DIGEST_RE.match(text))
+    return bool(DIGEST_RE.match(text))
 
 
 def hex_of(digest: str) -> str:

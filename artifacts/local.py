@@ -11,6 +11,7 @@ from typing import Any
 
 from artifacts.digest import file_chunks, hex_of, sha256_bytes, sha256_file, verify_stream
 from artifacts.errors import NotFoundError, StoreError, VerificationError
+from artifacts.names import check_digest, check_name, check_tag
 from artifacts.store import ArtifactInfo, ProgressFn
 from artifacts.uri import normalize_store_uri
 
@@ -80,7 +81,7 @@ class LocalStore:
         return digest
 
     def get_manifest(self, name: str, digest: str) -> bytes:
-        marker = self._name_dir(name) / "manifests" / hex_of(digest)
+        marker = self._name_dir(name) / "manifests" / hex_of(check_digest(digest))
         blob = self.blob_path(digest)
         if not marker.exists() or not blob.is_file():
             raise NotFoundError(f"{self.uri}/{name}@{digest} does not exist")
@@ -90,17 +91,17 @@ class LocalStore:
         return data
 
     def set_tag(self, name: str, tag: str, digest: str) -> None:
-        self._write_bytes(self._name_dir(name) / "tags" / tag, f"{digest}\n".encode())
+        self._write_bytes(self._name_dir(name) / "tags" / check_tag(tag), f"{check_digest(digest)}\n".encode())
 
     def resolve_tag(self, name: str, tag: str) -> str:
-        path = self._name_dir(name) / "tags" / tag
+        path = self._name_dir(name) / "tags" / check_tag(tag)
         if not path.is_file():
             raise NotFoundError(f"{self.uri}/{name}:{tag} does not exist")
         return path.read_text().strip()
 
     def put_record(self, name: str, digest: str, record: Mapping[str, Any]) -> None:
         data = json.dumps(dict(record), indent=2, sort_keys=True).encode()
-        self._write_bytes(self._name_dir(name) / "records" / f"{hex_of(digest)}.json", data)
+        self._write_bytes(self._name_dir(name) / "records" / f"{hex_of(check_digest(digest))}.json", data)
 
     def list_artifacts(self) -> list[ArtifactInfo]:
         names_dir = self.root / "names"
@@ -115,7 +116,7 @@ class LocalStore:
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _name_dir(self, name: str) -> Path:
-        return self.root / "names" / name
+        return self.root / "names" / check_name(name)
 
     def _tmp_file(self, near: Path) -> tuple[int, str]:
         try:

@@ -9,7 +9,6 @@ volatile (time, host, user) may enter it: identical inputs give the identical di
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
@@ -17,20 +16,12 @@ from typing import Any
 
 from artifacts.digest import is_digest, sha256_bytes
 from artifacts.errors import ManifestError
+from artifacts.names import name_problem
+from artifacts.targets import DEVICE_KINDS
 
 SCHEMA = "kiln.artifact/v1"
 MANIFEST_NAME = "manifest.json"
 COMPILE_CACHE_DIR = "compile_cache"  # an engine's precompiled cache inside an artifact (compile=vllm)
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-DEVICE_KINDS = ("cpu", "cuda", "neuron")
-# The engines an artifact can target, and the device kinds each can run on (the build narrows this per
-# artifact, e.g. a quantization only some devices execute).
-ENGINE_DEVICES: dict[str, tuple[str, ...]] = {
-    "vllm": ("cpu", "cuda"),
-    "transformers": ("cpu", "cuda"),
-    "tensorrt_llm": ("cuda",),
-    "neuron": ("neuron",),
-}
 
 
 def check_relpath(path: str) -> str:
@@ -139,11 +130,8 @@ class Manifest:
         provenance: Mapping[str, Any],
     ) -> Manifest:
         """Validate and build a manifest; files are sorted by path so the bytes are canonical."""
-        if not NAME_RE.match(name):
-            raise ManifestError(
-                f"artifact name {name!r} is invalid: use lowercase letters, digits, '.', '_' or '-' "
-                "(starting with a letter or digit, at most 128 characters)"
-            )
+        if (why := name_problem(name)) is not None:
+            raise ManifestError(why)
         entries = tuple(sorted(files, key=lambda e: e.path))
         seen: set[str] = set()
         for entry in entries:

@@ -15,6 +15,7 @@ from typing import Any
 from artifacts.digest import sha256_file
 from artifacts.errors import ArtifactError, ManifestError, VerificationError
 from artifacts.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
+from artifacts.names import check_tag
 from artifacts.progress import byte_progress
 from artifacts.store import Store, open_store
 from artifacts.uri import ArtifactRef
@@ -132,6 +133,7 @@ def publish(
     record: Mapping[str, Any] | None = None,
 ) -> ArtifactRef:
     """Upload what the store lacks, then the manifest, then the tags. Safe to re-run after a failure."""
+    tags = [check_tag(t) for t in tags]  # before any upload: a bad tag must not leave a half-published artifact
     store = open_store(store_uri)
     with ThreadPoolExecutor(JOBS) as pool:
         missing = _missing_blobs(store, manifest, pool)
@@ -188,6 +190,7 @@ def copy(ref: ArtifactRef, dest_store_uri: str, tags: Iterable[str] = ()) -> Art
     Both ends verify: the source stream fails before its last bytes if they are wrong, and the destination
     re-hashes before the blob becomes visible. Blobs first, manifest next, tags last, as in :func:`publish`.
     """
+    tags = [check_tag(t) for t in tags]
     src = open_store(ref.store)
     dest = open_store(dest_store_uri)
     ref, manifest = load_manifest(ref, src)

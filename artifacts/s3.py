@@ -38,6 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from artifacts.digest import file_chunks, hex_of, is_digest, sha256_bytes, verify_stream
 from artifacts.errors import ArtifactError, NotFoundError, StoreError, UriError, VerificationError
+from artifacts.names import check_digest, check_name, check_tag
 from artifacts.store import ArtifactInfo, ProgressFn
 from artifacts.uri import normalize_store_uri
 
@@ -555,7 +556,7 @@ class S3Store:
 
     def get_manifest(self, name: str, digest: str) -> bytes:
         try:
-            self.s3.get_bytes(self._name_key(name, f"manifests/{hex_of(digest)}"))
+            self.s3.get_bytes(self._name_key(name, f"manifests/{hex_of(check_digest(digest))}"))
             data = self.s3.get_bytes(self.blob_key(digest))
         except NotFoundError:
             raise NotFoundError(f"{self.uri}/{name}@{digest} does not exist") from None
@@ -564,11 +565,12 @@ class S3Store:
         return data
 
     def set_tag(self, name: str, tag: str, digest: str) -> None:
-        self.s3.put_bytes(self._name_key(name, f"tags/{tag}"), f"{digest}\n".encode())
+        self.s3.put_bytes(self._name_key(name, f"tags/{check_tag(tag)}"), f"{check_digest(digest)}\n".encode())
 
     def resolve_tag(self, name: str, tag: str) -> str:
         try:
-            text = self.s3.get_bytes(self._name_key(name, f"tags/{tag}"), limit=1024).decode(errors="replace").strip()
+            raw = self.s3.get_bytes(self._name_key(name, f"tags/{check_tag(tag)}"), limit=1024)
+            text = raw.decode(errors="replace").strip()
         except NotFoundError:
             raise NotFoundError(f"{self.uri}/{name}:{tag} does not exist") from None
         if not is_digest(text):
@@ -577,7 +579,7 @@ class S3Store:
 
     def put_record(self, name: str, digest: str, record: Mapping[str, Any]) -> None:
         data = json.dumps(dict(record), indent=2, sort_keys=True).encode()
-        self.s3.put_bytes(self._name_key(name, f"records/{hex_of(digest)}.json"), data)
+        self.s3.put_bytes(self._name_key(name, f"records/{hex_of(check_digest(digest))}.json"), data)
 
     def list_artifacts(self) -> list[ArtifactInfo]:
         root = self.loc.key("names/")
@@ -604,4 +606,4 @@ class S3Store:
         return self.s3.get_bytes(key, limit=1024).decode(errors="replace").strip()
 
     def _name_key(self, name: str, rest: str) -> str:
-        return self.loc.key(f"names/{name}/{rest}")
+        return self.loc.key(f"names/{check_name(name)}/{rest}")

@@ -6,15 +6,13 @@ refers to the default local store (see :func:`artifacts.paths.default_store_uri`
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from artifacts.digest import is_digest
 from artifacts.errors import UriError
-from artifacts.manifest import NAME_RE
+from artifacts.names import NAME_RULE, TAG_RULE, name_problem, tag_problem
 
-TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 DEFAULT_TAG = "latest"
 SCHEMES = ("file", "s3")
 
@@ -85,8 +83,8 @@ def _split_last(last: str, text: str) -> tuple[str, str | None, str | None]:
     else:
         name, _, tag_text = last.partition(":")
         digest, tag = None, tag_text or DEFAULT_TAG
-        if not TAG_RE.match(tag):
-            raise UriError(f"{text!r}: invalid tag {tag!r}")
-    if not NAME_RE.match(name):
-        raise UriError(f"{text!r}: invalid artifact name {name!r} (lowercase letters, digits, '.', '_', '-')")
+        if tag_problem(tag):
+            raise UriError(f"{text!r}: invalid tag {tag!r} ({TAG_RULE})")
+    if name_problem(name):
+        raise UriError(f"{text!r}: invalid artifact name {name!r} ({NAME_RULE})")
     return name, digest, tag

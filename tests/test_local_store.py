@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from artifacts import ops
-from artifacts.errors import NotFoundError, VerificationError
+from artifacts.errors import NotFoundError, UriError, VerificationError
 from artifacts.local import LocalStore
 from artifacts.manifest import Manifest, Target
 from artifacts.uri import parse_ref
@@ -100,6 +100,7 @@ def test_copy_between_stores(tmp_path: Path) -> None:
     ops.verify_ref(parse_ref(f"file://{tmp_path}/b/demo:latest"))
 
 
+@pytest.mark.integration  # spawns the CLI
 def test_cli_ls_show_verify_pull_push(tmp_path: Path) -> None:
     src, m = make_artifact(tmp_path)
     store = f"file://{tmp_path}/store"
@@ -138,3 +139,43 @@ def test_bad_uris_named(text: str, message: str) -> None:
 
     with pytest.raises(UriError, match=message):
         parse_ref(text, "file:///tmp/store")
+
+
+@pytest.mark.parametrize("tag", ["../../../escaped", "a/b", "..", ".hidden", "", "x" * 129, "tag with space"])
+def test_tags_outside_the_rule_are_refused_before_anything_is_written(tmp_path: Path, tag: str) -> None:
+    src, m = make_artifact(tmp_path)
+    store = tmp_path / "store"
+    with pytest.raises(UriError, match="tag .* is invalid: use letters, digits"):
+        ops.publish(src, m, f"file://{store}", tags=["latest", tag])
+    assert not store.exists()  # refused before the first blob: nothing half-published
+    ref = ops.publish(src, m, f"file://{store}")
+    with pytest.raises(UriError, match="is invalid"):
+        ops.copy(ref, f"file://{tmp_path}/other", tags=[tag])
+    with pytest.raises(UriError, match="is invalid"):  # the store itself checks too: every entry point, one rule
+        LocalStore(f"file://{store}").set_tag("demo", tag, m.digest)
+    assert sorted(p.name for p in store.iterdir()) == ["blobs", "names"]
+    assert not (tmp_path / "escaped").exists()
+
+
+@pytest.mark.parametrize("name", ["../up", "a/b", "Upper", ".."])
+def test_names_and_digests_outside_the_rule_are_refused_by_the_store(tmp_path: Path, name: str) -> None:
+    store = LocalStore(f"file://{tmp_path}/store")
+    with pytest.raises(UriError, match="artifact name .* is invalid"):
+        store.put_manifest(name, b"{}")
+    with pytest.raises(UriError, match="artifact name .* is invalid"):
+        store.resolve_tag(name, "latest")
+    with pytest.raises(UriError, match="digest .* is invalid"):
+        store.set_tag("demo", "latest", "sha256:../../x")
+    assert not (tmp_path / "store" / "names").exists()
+
+
+@pytest.mark.integration  # spawns the CLI
+def test_cli_push_refuses_a_traversing_tag(tmp_path: Path) -> None:
+    src, _ = make_artifact(tmp_path)
+    store = tmp_path / "store"
+    proc = run_cli("artifacts", "push", str(src), f"file://{store}", "--tag", "../../../escaped")
+    assert proc.returncode == 1
+    assert "tag '../../../escaped' is invalid: use letters, digits" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "escaped").exists()
+    assert not store.exists()
