@@ -3,8 +3,9 @@
 The prefix is mirrored into the kiln cache (``<cache>/sources/s3/<digest of the URI>/files``). Objects come down
 with parallel ranged GETs pinned to the ETag the listing gave (an object replaced mid-download fails), are
 checked against the listed size, and are hashed while they are written, so the source digest needs no second
-pass. Each file lands through a temporary file and a rename. A re-run downloads only objects whose ETag or size
-changed and re-hashes the files it keeps, as for a local directory, so a damaged mirror is never used unnoticed.
+pass. Each file lands through a temporary file and a rename, and the mirror's state records each file's ETag, size
+and sha256. A re-run downloads only objects whose ETag or size changed, and re-hashes the files it keeps: one whose
+sha256 is not the recorded one (a damaged mirror) is downloaded again, never used.
 """
 
 from __future__ import annotations
@@ -51,14 +52,20 @@ def fetch_prefix(uri: str, patterns: list[str]) -> tuple[Path, list[FileEntry]]:
     files = root / "files"
     known = _load_state(root)
     kept = [o for o in objects if _unchanged(files / o.rel, known.get(o.rel), o)]
-    missing = [o for o in objects if o not in kept]
     _prune(files, {o.rel for o in objects})
+    with ThreadPoolExecutor(JOBS) as pool:
+        rehashed = list(pool.map(lambda o: _rehash(files, o.rel), kept))
+    intact = [e for o, e in zip(kept, rehashed, strict=True) if e.sha256 == known[o.rel].get("sha256")]
+    damaged = sorted({o.rel for o in kept} - {e.path for e in intact})
+    if damaged:
+        log.warning("%s: the mirror's %s no longer match what was downloaded; fetching them again", uri, damaged[:5])
+    missing = [o for o in objects if o.rel not in {e.path for e in intact}]
     total = sum(o.size for o in missing)
-    log.info("%s: %d files to download (%d bytes), %d already here", uri, len(missing), total, len(kept))
+    log.info("%s: %d files to download (%d bytes), %d already here", uri, len(missing), total, len(intact))
     with byte_progress(total, f"download {uri}") as advance, ThreadPoolExecutor(JOBS) as pool:
-        entries = list(pool.map(lambda o: _download(s3, o, files / o.rel, advance), missing))
-        entries += pool.map(lambda o: _rehash(files, o.rel), kept)
-    _save_state(root, {o.rel: {"etag": o.etag, "size": o.size} for o in objects})
+        entries = list(pool.map(lambda o: _download(s3, o, files / o.rel, advance), missing)) + intact
+    by_path = {e.path: e.sha256 for e in entries}
+    _save_state(root, {o.rel: {"etag": o.etag, "size": o.size, "sha256": by_path[o.rel]} for o in objects})
     return files, sorted(entries, key=lambda e: e.path)
 
 
@@ -80,7 +87,9 @@ def _listing(s3: S3Transport, loc: S3Location, patterns: list[str], uri: str) ->
 
 
 def _unchanged(path: Path, known: dict[str, object] | None, obj: _Object) -> bool:
-    if known != {"etag": obj.etag, "size": obj.size} or path.is_symlink() or not path.is_file():
+    if known is None or (known.get("etag"), known.get("size")) != (obj.etag, obj.size):
+        return False
+    if path.is_symlink() or not path.is_file():
         return False
     return path.stat().st_size == obj.size
 

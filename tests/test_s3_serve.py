@@ -80,7 +80,7 @@ def test_build_publish_s3_serve_then_refuse_corruption(
     assert [p.name for p in (cache / "pulled").iterdir()] == []  # no partial pull left behind
 
 
-def test_build_from_an_s3_checkpoint_prefix(moto_s3: MotoS3, tiny_uri: str, tmp_path: Path) -> None:
+def test_build_from_an_s3_checkpoint_prefix(moto_s3: MotoS3, tiny_uri: str, tmp_path: Path, kiln_env: Path) -> None:
     ckpt = tmp_path / "ckpt"
     assert run_cli("artifacts", "pull", tiny_uri, str(ckpt)).returncode == 0
     (ckpt / MANIFEST_NAME).unlink()  # a plain Hugging Face checkpoint
@@ -101,6 +101,16 @@ def test_build_from_an_s3_checkpoint_prefix(moto_s3: MotoS3, tiny_uri: str, tmp_
     assert again.returncode == 0, again.stderr
     assert "0 files to download" in again.stderr
     assert again.stdout.strip().splitlines()[-1] == first.stdout.strip().splitlines()[-1]
+    # A mirrored file damaged in place (same size, other bytes) is fetched again, never built from.
+    (mirrored,) = (kiln_env / "sources" / "s3").glob("*/files/model.safetensors")
+    with open(mirrored, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\xff" * 16)
+    repaired = run_cli(*args, env={"KILN_LOG_LEVEL": "INFO"})
+    assert repaired.returncode == 0, repaired.stderr
+    assert "no longer match what was downloaded; fetching them again" in repaired.stderr
+    assert "1 files to download" in repaired.stderr
+    assert repaired.stdout.strip().splitlines()[-1] == first.stdout.strip().splitlines()[-1]
     empty = run_cli("build", "model=hf", f"model.source=s3://{bucket}/hf/nothing/", "model.name=x")
     assert empty.returncode == 1
     assert "[source] model.source:" in empty.stderr
