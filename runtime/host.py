@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from artifacts.manifest import Target
-from runtime.engines import ENGINES
+from runtime import engines
 
 
 class TargetMismatchError(Exception):
@@ -69,11 +69,10 @@ def check_target(target: Target, host: Host) -> str:
         raise TargetMismatchError(
             key, "this runtime does not know this field (the artifact was built by a newer kiln); upgrade kiln"
         )
-    spec = ENGINES.get(target.engine)
-    if spec is None:
-        raise TargetMismatchError(
-            "engine", f"{target.engine!r} has no engine in this runtime (known: {sorted(ENGINES)})"
-        )
+    try:
+        spec = engines.get(target.engine)
+    except engines.UnknownEngineError as exc:
+        raise TargetMismatchError("engine", str(exc)) from None
     version = spec.installed_version()
     if version is None:
         raise TargetMismatchError("engine", f"{target.engine} is not installed here: {spec.install_hint}")
@@ -102,4 +101,4 @@ def check_target(target: Target, host: Host) -> str:
             "tensor_parallel_degree",
             f"the artifact needs {target.tensor_parallel_degree} {device} devices, this host has {host.count(device)}",
         )
-    return device  # target.compile (precompiled content) is checked with the engine settings: compile_cache.prepare
+    return device  # target.compile (precompiled content) is checked with the engine settings: its compile hook

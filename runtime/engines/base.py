@@ -1,16 +1,29 @@
-"""The engine interface every serving backend implements, and the types that cross it.
+"""The engine interface every serving backend implements, the types that cross it, and the hooks an engine
+package exposes to the rest of kiln (:class:`EngineSpec`).
 
-The HTTP layer speaks only this interface: it tokenizes and renders prompts itself, hands the engine token ids
-and a :class:`SamplingSpec`, and receives :class:`EngineOutput` deltas (new text and tokens per sequence) as the
-engine produces them. Continuous batching is the engine's business.
+The HTTP layer speaks only the :class:`Engine` interface: it tokenizes and renders prompts itself, hands the engine
+token ids and a :class:`SamplingSpec`, and receives :class:`EngineOutput` deltas (new text and tokens per sequence)
+as the engine produces them. Continuous batching is the engine's business. Everything else engine-specific (its
+settings mapping and defaults, accepted native keys, kernel needs, precompiled-cache checks, warm-up) is reached
+through the hooks of its :class:`EngineSpec`, so ``runtime/app.py``, the HTTP layer and the compile stage never
+name an engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from artifacts.manifest import Manifest
+
+# The KV-cache budget an engine gets on a CPU host when the operator sets none (CPU engines cannot size it from
+# free device memory as on a GPU: that would be most of the RAM).
+DEFAULT_CPU_KV_CACHE_GIB = 1.0
+GIB = 1 << 30
 
 
 class EngineError(Exception):
@@ -94,12 +107,13 @@ class EngineStats:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """Engine settings resolved from the artifact's serving defaults and the operator's configuration."""
+    """Engine settings derived from the artifact, the operator's configuration and the host (runtime/settings.py:
+    derive, the one place that makes them). None leaves a value to the engine's ``defaults`` hook."""
 
     model_dir: Path
     dtype: str = "auto"
     max_model_len: int | None = None
-    max_num_seqs: int = 32
+    max_num_seqs: int | None = None
     tensor_parallel_degree: int = 1
     enforce_eager: bool = False
     enable_prefix_caching: bool | None = None
@@ -137,3 +151,102 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
 
     async def shutdown(self) -> None: ...
+
+
+# -- the hooks an engine package exposes ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelNeed:
+    """CPU flags an engine's kernel for one quantization scheme needs, on hosts where ``applies_to`` holds."""
+
+    flags: frozenset[str]
+    applies_to: frozenset[str]  # flags marking the CPU family the need concerns (e.g. x86: sse2)
+    why: str
+
+    def unmet(self, cpu_flags: frozenset[str]) -> bool:
+        return self.applies_to <= cpu_flags and not self.flags <= cpu_flags
+
+
+@dataclass(frozen=True)
+class EngineDefault:
+    """A value an engine chose for a setting the configuration left open, and why (shown by ``runtime config``)."""
+
+    value: Any
+    why: str
+
+
+class CompileSupport(Protocol):
+    """Precompiled content (``target.compile``): checked and prepared at serve time, filled by the build's warm-up."""
+
+    def prepare(self, model_dir: Path, manifest: Manifest, settings: EngineSettings, ignore: bool) -> EngineSettings:
+        """Check the artifact's compile key against this host; return the settings that start from its cache.
+        Raises runtime.host.TargetMismatchError naming ``compile.<field>`` (unless ``ignore``)."""
+        ...
+
+    def warm_up(self, settings: EngineSettings, cache_dir: Path) -> Coroutine[Any, Any, dict[str, Any]]:
+        """Start the engine with ``cache_dir`` as its compile cache, exercise it, stop it; return a report holding
+        ``key`` (this host's compile key, recorded as target.compile)."""
+        ...
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One engine: its registry entry. Heavy libraries are imported inside the hooks, never when this is built."""
+
+    name: str
+    distributions: tuple[str, ...]  # any one of these provides the engine (host check, error messages)
+    install_hint: str
+    create: Callable[[EngineSettings], Engine]
+    native_keys: Callable[[], set[str]]  # engine-native keys an operator may pass through (imports the library)
+    native_args: Callable[[EngineSettings], dict[str, Any]]  # the engine's own arguments for these settings
+    defaults: Callable[[EngineSettings], dict[str, EngineDefault]]  # values for settings left None
+    lmi_names: tuple[str, ...] = ()  # LMI's option.rolling_batch values that mean this engine
+    # (device kind, quantization scheme) -> KernelNeed; schemes are the suffix of target.quantization
+    # ("gptq-w4a16" -> "w4a16").
+    kernel_needs: Mapping[tuple[str, str], KernelNeed] = field(default_factory=dict)
+    compile: CompileSupport | None = None  # None: the engine has no precompiled content
+
+    def cannot_run(self, quantization: str, device: str, cpu_flags: frozenset[str]) -> str | None:
+        """Why this engine's kernels cannot run ``quantization`` on ``device`` here (None: they can)."""
+        for (kind, scheme), need in self.kernel_needs.items():
+            if kind == device and quantization.endswith(scheme) and need.unmet(cpu_flags):
+                return need.why
+        return None
+
+    def installed_version(self) -> str | None:
+        for dist in self.distributions:
+            try:
+                return metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+        return None
+
+
+def kv_bytes_per_token(model_dir: Path, dtype: str) -> int | None:
+    """KV-cache bytes one token takes for the checkpoint in ``model_dir`` (keys and values of every layer), from its
+    ``config.json``; None when the config does not say (an engine then cannot bound its batch by the budget)."""
+    import json
+
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+        cfg = cfg.get("text_config", cfg)
+        heads = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+        head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+        layers = int(cfg["num_hidden_layers"])
+        if dtype == "auto":
+            dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+    width = {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 2)
+    return 2 * layers * heads * head_dim * width
+
+
+def max_position_embeddings(model_dir: Path) -> int | None:
+    import json
+
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+        return int(cfg.get("text_config", cfg)["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,4 +1,5 @@
-"""The vLLM engine: vLLM's ``AsyncLLM`` in this process (its engine core runs in a child process).
+"""The vLLM engine: vLLM's ``AsyncLLM`` in this process (its engine core runs in a child process), and the
+mapping of kiln's engine settings onto vLLM's ``AsyncEngineArgs``.
 
 vLLM is imported lazily, when the engine starts, so the runtime package imports without it.
 """
@@ -12,8 +13,8 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from runtime import compile_cache
 from runtime.engines.base import (
+    GIB,
     EngineDeadError,
     EngineError,
     EngineOutput,
@@ -24,10 +25,9 @@ from runtime.engines.base import (
     SeqDelta,
     TokenInfo,
 )
+from runtime.engines.vllm import compile_cache
 
 log = logging.getLogger("kiln.runtime.vllm")
-GIB = 1 << 30
-DEFAULT_CPU_KV_CACHE_GIB = 1.0
 
 
 def engine_kwargs(s: EngineSettings) -> dict[str, Any]:
@@ -48,11 +48,8 @@ def engine_kwargs(s: EngineSettings) -> dict[str, Any]:
         kwargs["enable_prefix_caching"] = s.enable_prefix_caching
     if s.enable_chunked_prefill is not None:
         kwargs["enable_chunked_prefill"] = s.enable_chunked_prefill
-    kv_gib = s.kv_cache_gib
-    if kv_gib is None and s.device == "cpu" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-        kv_gib = DEFAULT_CPU_KV_CACHE_GIB  # vLLM's CPU platform needs a budget; its own env var wins if set
-    if kv_gib is not None:
-        kwargs["kv_cache_memory_bytes"] = int(kv_gib * GIB)
+    if s.kv_cache_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gib * GIB)
     kwargs.update(s.extra)
     return kwargs
 
@@ -98,9 +95,11 @@ class VllmEngine:
         # vLLM's CPU platform refuses to start unless the KV cache fits a memory-utilization budget; the
         # explicit kv_cache_memory_bytes above is what it uses, and the HF hub must never be contacted.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        # vLLM logs every phase at INFO; kiln's logs are quiet by default (KILN_LOG_LEVEL=DEBUG shows vLLM's too).
+        # vLLM logs every phase at INFO: that goes to the engine log file (runtime/process.py) or, where its output
+        # shares kiln's terminal, only with KILN_LOG_LEVEL=DEBUG.
         verbose = os.environ.get("KILN_LOG_LEVEL", "").upper() == "DEBUG"
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+        to_file = os.environ.get("KILN_ENGINE_OUTPUT") == "file"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose or to_file else "WARNING")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         os.environ.setdefault("DO_NOT_TRACK", "1")
         if self.settings.compile_cache is not None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.engines.base import (
+    GIB,
     EngineDeadError,
     EngineError,
     EngineOutput,
@@ -33,8 +34,6 @@ from runtime.engines.base import (
 )
 
 log = logging.getLogger("kiln.runtime.transformers")
-GIB = 1 << 30
-DEFAULT_CPU_KV_CACHE_GIB = 1.0
 CPU_MAX_BATCH_TOKENS = 512
 GREEDY_TOP_P = 1e-6
 DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
@@ -107,20 +106,20 @@ class TransformersEngine:
         """KV cache blocks and the per-step token budget, unless the operator set them.
 
         Left alone, the manager sizes its cache from free device memory, which on a CPU host means most of the RAM;
-        and without flash attention it preallocates a dense [batch tokens x cache tokens] mask. So on CPU kiln asks
-        for what the configured concurrency can use (max_num_seqs full-length sequences, capped by the KV budget)
-        and a modest step budget.
+        and without flash attention it preallocates a dense [batch tokens x cache tokens] mask. So with a KV budget
+        (always on CPU: the engine's defaults hook sets one) kiln asks for what the configured concurrency can use
+        (max_num_seqs full-length sequences, capped by the budget) and, on CPU, a modest step budget.
         """
         out: dict[str, Any] = {}
         gib = self.settings.kv_cache_gib
         cpu = self.settings.device == "cpu"
-        if "num_blocks" not in extra and (gib is not None or cpu):
+        if "num_blocks" not in extra and gib is not None:
             page = int(extra.get("page_size", 256))
             heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
             block_bytes = 2 * cfg.num_hidden_layers * heads * head_dim * dtype.itemsize * page
-            budget = int((gib if gib is not None else DEFAULT_CPU_KV_CACHE_GIB) * GIB) // block_bytes
-            wanted = -(-self.settings.max_num_seqs * self.max_model_len // page)
+            budget = int(gib * GIB) // block_bytes
+            wanted = -(-(self.settings.max_num_seqs or 1) * self.max_model_len // page)
             out["num_blocks"] = max(1, min(budget, wanted))
         if cpu and "max_batch_tokens" not in extra:
             out["max_batch_tokens"] = CPU_MAX_BATCH_TOKENS

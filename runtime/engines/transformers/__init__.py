@@ -1,0 +1,59 @@
+"""The transformers engine package: transformers' own continuous-batching manager (``engine.py``), the portable
+fallback for any host with torch, exposed to the rest of kiln as :data:`SPEC`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runtime.engines.base import DEFAULT_CPU_KV_CACHE_GIB, Engine, EngineDefault, EngineSettings, EngineSpec
+
+# LMI's max_rolling_batch_size default for its backends other than vLLM and TensorRT-LLM.
+LMI_MAX_NUM_SEQS = 32
+
+
+def _create(settings: EngineSettings) -> Engine:
+    from runtime.engines.transformers.engine import TransformersEngine
+
+    return TransformersEngine(settings)
+
+
+def _native_keys() -> set[str]:
+    from runtime.engines.transformers.engine import accepted_keys
+
+    return accepted_keys()
+
+
+def _native_args(s: EngineSettings) -> dict[str, Any]:
+    """What kiln passes to ``init_continuous_batching`` before the model is loaded (the cache size is computed
+    from the loaded model's config)."""
+    from runtime.engines.transformers.engine import LOAD_KEYS
+
+    cb = {
+        "max_requests_per_batch": s.max_num_seqs,
+        "allow_block_sharing": s.enable_prefix_caching is not False,
+        "per_request_processors": True,
+        "return_logprobs": True,
+    }
+    return cb | {k: v for k, v in s.extra.items() if k not in LOAD_KEYS}
+
+
+def _defaults(s: EngineSettings) -> dict[str, EngineDefault]:
+    out: dict[str, EngineDefault] = {}
+    if s.max_num_seqs is None:
+        out["max_num_seqs"] = EngineDefault(LMI_MAX_NUM_SEQS, "LMI's max_rolling_batch_size default for this backend")
+    if s.kv_cache_gib is None and s.device == "cpu":
+        out["kv_cache_gib"] = EngineDefault(DEFAULT_CPU_KV_CACHE_GIB, "kiln's CPU budget (not most of the RAM)")
+    return out
+
+
+SPEC = EngineSpec(
+    name="transformers",
+    distributions=("transformers",),
+    install_hint="pip install 'kiln[runtime]' torch",
+    create=_create,
+    native_keys=_native_keys,
+    native_args=_native_args,
+    defaults=_defaults,
+    lmi_names=("scheduler",),  # LMI's HF-Accelerate rolling batch, whose successor is transformers' own
+)

@@ -1,0 +1,69 @@
+"""The engine settings, derived once: one function of (model, target block, configuration, host) that ``serve``,
+``python -m runtime config`` and the build's compile warm-up all call, so a packaged compile cache is filled with
+exactly the settings a later ``serve`` of the artifact starts with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from artifacts.manifest import Target
+from runtime import engines
+from runtime.config.schema import ServeConfig
+from runtime.engines.base import EngineDefault, EngineSettings, EngineSpec
+from runtime.host import Host, TargetMismatchError, check_target
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which engine serves, with which settings, and the values its ``defaults`` hook chose (for ``config``)."""
+
+    spec: EngineSpec
+    settings: EngineSettings
+    chosen: Mapping[str, EngineDefault]
+
+
+def derive(model_dir: Path, target: Target | None, cfg: ServeConfig, host: Host) -> Plan:
+    """Check the target block against this host and derive the engine settings; the target fills what the
+    configuration leaves open, then the engine's defaults. ``target`` None: a plain Hugging Face directory.
+    Raises TargetMismatchError naming the first target field that does not fit."""
+    if target is None:
+        spec = _plain_dir_engine(cfg.engine or engines.DEFAULT)
+        device = host.devices[0]
+        dtype, tp, max_len = str(cfg.dtype), cfg.tensor_parallel_degree or 1, cfg.max_model_len
+        if tp > host.count(device):
+            raise TargetMismatchError(
+                "tensor_parallel_degree", f"{tp} {device} devices wanted, this host has {host.count(device)}"
+            )
+    else:
+        device = check_target(target, host)
+        spec = engines.get(target.engine)
+        dtype = target.dtype if cfg.dtype == "auto" else str(cfg.dtype)
+        tp, max_len = target.tensor_parallel_degree, cfg.max_model_len or target.max_model_len
+    settings = EngineSettings(
+        model_dir=model_dir,
+        device=device,
+        dtype=dtype,
+        max_model_len=max_len,
+        max_num_seqs=cfg.max_num_seqs,
+        tensor_parallel_degree=tp,
+        enforce_eager=cfg.enforce_eager,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        enable_chunked_prefill=cfg.enable_chunked_prefill,
+        kv_cache_gib=cfg.kv_cache_gib,
+        extra=dict(cfg.engine_args),
+    )
+    chosen = spec.defaults(settings)
+    return Plan(spec, replace(settings, **{k: d.value for k, d in chosen.items()}), chosen)
+
+
+def _plain_dir_engine(name: str) -> EngineSpec:
+    try:
+        spec = engines.get(name)
+    except engines.UnknownEngineError as exc:
+        raise TargetMismatchError("engine", str(exc)) from None
+    if spec.installed_version() is None:
+        raise TargetMismatchError("engine", f"{name} is not installed here: {spec.install_hint}")
+    return spec
