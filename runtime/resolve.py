@@ -1,9 +1,10 @@
 """Resolve what ``python -m runtime serve`` was given into a verified local model directory.
 
-Accepted: an artifact URI (``file://…``, a bare ``name:tag`` / ``name@sha256:…`` in the default store), a
-directory holding ``manifest.json`` (verified in place), or a plain Hugging Face checkpoint directory (served
-as is, with no manifest to verify). Pulled artifacts live in the pull cache keyed by digest; a cache entry is
-re-verified on every start and re-fetched if damaged, never served.
+Accepted: an artifact URI (``file://…``, ``s3://…``, a bare ``name:tag`` / ``name@sha256:…`` in the default store),
+a directory holding ``manifest.json`` (verified in place), a plain Hugging Face checkpoint directory (served as is,
+with no manifest to verify), or a Hugging Face hub id (``owner/name``, downloaded with huggingface_hub where the
+hub is reachable). Pulled artifacts live in the pull cache keyed by digest; a cache entry is re-verified on every
+start and re-fetched if damaged, never served.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from artifacts.errors import ArtifactError, UriError, VerificationError
 from artifacts.manifest import MANIFEST_NAME, Manifest
 from artifacts.paths import default_store_uri, pull_cache_root
 from artifacts.uri import parse_ref
+from runtime.config.location import is_hub_id
 
 log = logging.getLogger("kiln.runtime")
 
@@ -30,16 +32,28 @@ class ResolvedModel:
     name: str
     manifest: Manifest | None
     source: str  # what the operator passed, for logs
+    kind: str = "kiln artifact"  # what the location held (shown by ``python -m runtime config``)
 
 
-def resolve(target: str) -> ResolvedModel:
+# Files a hub download fetches: the checkpoint (safetensors only), its config, tokenizer and templates.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+def resolve(target: str, revision: str | None = None) -> ResolvedModel:
     path = Path(target).expanduser()
     if path.is_dir():
         return _from_dir(path, target)
+    if is_hub_id(target):
+        return _from_hub(target, revision)
     if path.exists():
         raise UriError(f"{target} is a file; pass an artifact URI or a model directory")
     if target.startswith(("/", "./", "../", "~")):
         raise UriError(f"{target}: no such directory")
+    if "://" not in target and "/" in target:
+        raise UriError(
+            f"{target!r} is not a model location kiln knows: pass an artifact URI (file://…, s3://…, <name>:<tag>), "
+            "a local directory, or a Hugging Face hub id (<owner>/<name>)"
+        )
     ref = parse_ref(target, default_store_uri())
     if ref.digest and (cached := _cached(pull_cache_root() / hex_of(ref.digest), ref.digest, target)):
         return cached  # a digest names immutable content: an intact cache entry needs no store at all
@@ -84,10 +98,40 @@ def _from_dir(path: Path, source: str) -> ResolvedModel:
         if not (path / "config.json").is_file():
             raise ArtifactError(f"{path} holds neither {MANIFEST_NAME} nor a Hugging Face config.json")
         log.warning("%s has no %s: serving it unverified as a plain Hugging Face checkpoint", path, MANIFEST_NAME)
-        return ResolvedModel(path.resolve(), _dir_name(path), None, source)
+        return ResolvedModel(path.resolve(), _dir_name(path), None, source, "plain Hugging Face directory")
     manifest = ops.read_dir_manifest(path)
     _verify(path, manifest)
-    return ResolvedModel(path.resolve(), manifest.name, manifest, source)
+    return ResolvedModel(path.resolve(), manifest.name, manifest, source, "kiln artifact directory")
+
+
+def _from_hub(repo_id: str, revision: str | None) -> ResolvedModel:
+    """Download a hub checkpoint (safetensors only) into huggingface_hub's cache, or say at once why not."""
+    import os
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    alternatives = (
+        "copy the checkpoint to a local directory or an s3:// prefix and point HF_MODEL_ID (or the serve argument) "
+        "there, or build it into a kiln artifact (python -m build model=hf model.source=…)"
+    )
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError as exc:
+        raise ArtifactError(f"{repo_id!r} is a Hugging Face hub id, and huggingface_hub is not installed") from exc
+    try:
+        local = snapshot_download(
+            repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=offline, etag_timeout=10
+        )
+    except RepositoryNotFoundError:
+        raise ArtifactError(f"{repo_id!r}: no such repository on the Hugging Face hub (or it needs HF_TOKEN)") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        why = "HF_HUB_OFFLINE is set" if offline else f"the hub cannot be reached ({type(exc).__name__})"
+        raise ArtifactError(f"{repo_id!r} is a Hugging Face hub id, and {why}: {alternatives}") from None
+    path = Path(local)
+    if not (path / "config.json").is_file():
+        raise ArtifactError(f"{repo_id!r} holds no config.json: it is not a Hugging Face model checkpoint")
+    log.warning("%s: serving the hub checkpoint %s unverified (no kiln manifest)", repo_id, path)
+    return ResolvedModel(path, _dir_name(Path(repo_id)), None, repo_id, "Hugging Face hub checkpoint")
 
 
 def _verify(path: Path, manifest: Manifest) -> None:

@@ -1,0 +1,103 @@
+"""The serving configuration's schema (every kiln setting, its default and help text, written once here) and the
+types resolution works with: where a value came from (:class:`Origin`), one value from one source (:class:`Entry`),
+and the validated result (:class:`Resolved`).
+
+``runtime/__main__.py`` generates its flags from :class:`ServeConfig`; engine defaults (``max_num_seqs``, the KV
+cache on CPU) are left None here and filled by the engine's ``defaults`` hook (runtime/settings.py: derive).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from artifacts.errors import KilnError
+
+SOURCES = ("default", "artifact", "serving.properties", "env", "cli")
+PROPERTIES = "serving.properties"
+SAGEMAKER_MODEL_DIR = "/opt/ml/model"
+CONTAINER_HOST, CONTAINER_PORT = "0.0.0.0", 8080  # LMI's and SageMaker's container contract
+
+
+class ConfigError(KilnError):
+    """Configuration and start-up problems, all of them, each naming the key and where it was set."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("cannot start the server:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class ServeConfig(BaseModel):
+    """Every kiln serving setting (canonical names). Engine-native extras live in ``engine_args``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(None, description="artifact URI or directory (LMI: option.model_id, HF_MODEL_ID)")
+    served_model_name: str | None = Field(None, description="model name in API responses (default: artifact name)")
+    host: str = Field(
+        "127.0.0.1", description="bind address (0.0.0.0 in container mode: the model from HF_MODEL_ID or /opt/ml/model)"
+    )
+    port: int = Field(8080, ge=0, le=65535, description="listen port")
+    engine: str | None = Field(None, description="engine for a plain Hugging Face dir (an artifact names its own)")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="weights/activations")
+    max_model_len: int | None = Field(None, ge=1, description="max prompt + output tokens")
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="max concurrent sequences (LMI: max_rolling_batch_size; default: the engine's)"
+    )
+    tensor_parallel_degree: int | None = Field(None, ge=1, description="devices per model (vLLM: tensor_parallel_size)")
+    enforce_eager: bool = Field(False, description="no CUDA graphs / compilation")
+    enable_prefix_caching: bool | None = Field(None, description="reuse KV of shared prompt prefixes")
+    enable_chunked_prefill: bool | None = Field(None, description="split long prefills across steps")
+    kv_cache_gib: float | None = Field(None, gt=0, description="KV cache budget in GiB (default on CPU: the engine's)")
+    job_queue_size: int = Field(1000, ge=1, description="generation requests in flight before 503")
+    predict_timeout: float = Field(240.0, gt=0, description="seconds one request may take (LMI: predict_timeout)")
+    model_loading_timeout: float = Field(1800.0, gt=0, description="seconds the engine may take to load")
+    output_formatter: Literal["json", "jsonlines", "sse"] = Field("json", description="LMI response form")
+    tgi_compat: bool = Field(False, description="LMI responses in TGI's form (array, SSE streaming)")
+    chat_template: str | None = Field(None, description="Jinja chat template (a file or the template text)")
+    graceful_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
+    ignore_compile_cache: bool = Field(
+        False,
+        description="serve a precompiled artifact without its compile cache where its target.compile key does not "
+        "match this host (vLLM then compiles at start)",
+    )
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="engine-native keys passed through")
+
+
+FIELDS = set(ServeConfig.model_fields) - {"engine_args"}
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a value was set: the source and the name the operator used there."""
+
+    source: str  # one of SOURCES
+    name: str  # "option.max_rolling_batch_size", "MAX_BATCH_SIZE", "--max-num-seqs", "serving.max_num_seqs"
+
+    def __str__(self) -> str:
+        if self.source == "default":
+            return f"default ({self.name})" if self.name else "default"
+        return f"{self.source} {self.name}"
+
+
+@dataclass
+class Entry:
+    key: str  # canonical key
+    value: Any
+    origin: Origin
+    rank: int = 1  # within one source, a translated alias (0) yields to the native name (1) without a conflict
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The validated configuration, the origin of every value that was set, and the keys kiln ignored."""
+
+    config: ServeConfig
+    origins: Mapping[str, Origin]  # canonical key (or "engine_args.<key>") -> origin; absent: default
+    ignored: tuple[tuple[Origin, str], ...] = ()
+
+    def origin(self, key: str) -> Origin:
+        return self.origins.get(key, Origin("default", ""))
