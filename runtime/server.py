@@ -26,11 +26,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime import lmi
+from runtime.api import lmi, openai
+from runtime.api.protocol import ChatCompletionRequest, CompletionRequest, LmiRequest
 from runtime.engines.base import EngineDeadError, EngineStats
 from runtime.errors import APIError
 from runtime.metrics import CONTENT_TYPE, Metrics
-from runtime.protocol import ChatCompletionRequest, CompletionRequest, LmiRequest
 from runtime.service import ModelService
 
 log = logging.getLogger("kiln.runtime")
@@ -46,8 +46,10 @@ SCHEMAS: dict[str, type[BaseModel]] = {
 
 @dataclass(frozen=True)
 class ServerOptions:
-    job_queue_size: int = 1000
-    model_loading_timeout: float = 1800.0
+    """The serving settings the HTTP layer needs (from the resolved configuration, whose defaults hold)."""
+
+    job_queue_size: int
+    model_loading_timeout: float
 
 
 @dataclass
@@ -75,10 +77,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 def create_app(
     load: Callable[[Metrics], Awaitable[ModelService]],
     on_fatal: Callable[[int], None],
-    options: ServerOptions | None = None,
+    opts: ServerOptions,
 ) -> FastAPI:
     """Build the app. ``load`` starts the engine; ``on_fatal(code)`` stops the server after a failure."""
-    opts = options or ServerOptions()
     state = ServerState()
     metrics = Metrics(lambda: _engine_stats(state))
 
@@ -143,15 +144,15 @@ def create_app(
     async def chat(req: ChatCompletionRequest, request: Request) -> Any:
         svc = service()
         if req.stream:
-            return EventStream(await svc.chat_stream(req), media_type=SSE)
-        return await _until_disconnect(request, svc.chat(req))
+            return EventStream(await openai.chat_stream(svc, req), media_type=SSE)
+        return await _until_disconnect(request, openai.chat(svc, req))
 
     @app.post("/v1/completions", response_model=None, responses=ERRORS)
     async def completions(req: CompletionRequest, request: Request) -> Any:
         svc = service()
         if req.stream:
-            return EventStream(await svc.completion_stream(req), media_type=SSE)
-        return await _until_disconnect(request, svc.completion(req))
+            return EventStream(await openai.completion_stream(svc, req), media_type=SSE)
+        return await _until_disconnect(request, openai.completion(svc, req))
 
     invoke_doc = {"requestBody": _union_body()}
 
@@ -228,13 +229,13 @@ async def _invoke(svc: ModelService, request: Request) -> Any:
         if "messages" in body:
             chat_req = ChatCompletionRequest.model_validate(body)
             if chat_req.stream:
-                return EventStream(await svc.chat_stream(chat_req), media_type=SSE)
-            return await _until_disconnect(request, svc.chat(chat_req))
+                return EventStream(await openai.chat_stream(svc, chat_req), media_type=SSE)
+            return await _until_disconnect(request, openai.chat(svc, chat_req))
         if "prompt" in body:
             cmpl_req = CompletionRequest.model_validate(body)
             if cmpl_req.stream:
-                return EventStream(await svc.completion_stream(cmpl_req), media_type=SSE)
-            return await _until_disconnect(request, svc.completion(cmpl_req))
+                return EventStream(await openai.completion_stream(svc, cmpl_req), media_type=SSE)
+            return await _until_disconnect(request, openai.completion(svc, cmpl_req))
         if "inputs" in body:
             lmi_req = LmiRequest.model_validate(body)
             if lmi_req.stream:

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import Any
 
+from runtime.api.protocol import LmiRequest
 from runtime.engines.base import SamplingSpec, TokenInfo
 from runtime.errors import APIError
-from runtime.protocol import LmiRequest
 from runtime.service import Generation, ModelService
 
 log = logging.getLogger("kiln.runtime")

@@ -1,7 +1,7 @@
 """Request schemas of the HTTP API (pydantic): OpenAI chat and completions, and LMI's ``inputs``/``parameters``.
 
 These models are the validation edge: a wrong type or an out-of-range value becomes a 400 naming the field.
-Unknown fields are accepted and ignored (as vLLM does), and logged once per request.
+Unknown fields are accepted and ignored, as vLLM does (OpenAI clients send fields a server may not know).
 """
 
 from __future__ import annotations
