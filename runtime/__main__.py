@@ -1,9 +1,11 @@
-"""``python -m runtime serve [URI|DIR]`` — verify an artifact, check it fits this host, and serve it.
-``python -m runtime config [URI|DIR]`` — print the resolved serving configuration and where each value came from.
+"""``python -m runtime serve [URI|DIR|HUB_ID]`` — verify an artifact, check it fits this host, and serve it.
+``python -m runtime config [URI|DIR|HUB_ID]`` — print the resolved serving configuration and where each value came
+from.
 
-With no URI both read SageMaker's model directory (``$SM_MODEL_DIR`` or ``/opt/ml/model``), or the model named by
-``HF_MODEL_ID`` / ``option.model_id``. Settings come from the artifact, ``serving.properties``, the environment and
-these flags, in that order of precedence (see README, "Configuration").
+With no model both read the model named by ``HF_MODEL_ID`` / ``OPTION_MODEL_ID``, or SageMaker's model directory
+(``$SM_MODEL_DIR`` or ``/opt/ml/model``); then the server listens on 0.0.0.0:8080 (container mode). Settings come
+from the artifact, ``serving.properties``, the environment and these flags, in that order of precedence (see
+README, "Configuration").
 """
 
 from __future__ import annotations
@@ -13,57 +15,56 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+import types
+import typing
+from typing import Any, TextIO
 
 from artifacts.errors import ArtifactError
 from artifacts.logs import setup_logging
-from runtime.app import configure, plan, serve, with_compile_cache
-from runtime.config import ConfigError, as_json, render
+from runtime import process
+from runtime.app import Startup, configure, serve
+from runtime.config import FIELDS, ConfigError, ServeConfig, as_json, render
 from runtime.host import TargetMismatchError
 
 log = logging.getLogger("kiln.runtime")
-# Flags that set configuration values (dest = the canonical setting); None means "not given".
-SETTINGS: list[tuple[str, dict[str, Any]]] = [
-    ("--host", {}),
-    ("--port", {"type": int}),
-    ("--served-model-name", {"help": "model name in API responses (default: the artifact name)"}),
-    ("--engine", {"help": "engine for a plain Hugging Face directory (an artifact names its own)"}),
-    ("--dtype", {}),
-    ("--max-model-len", {"type": int}),
-    ("--max-num-seqs", {"type": int, "help": "max concurrent sequences (LMI: max_rolling_batch_size)"}),
-    ("--tensor-parallel-degree", {"type": int}),
-    ("--enforce-eager", {"action": argparse.BooleanOptionalAction}),
-    ("--enable-prefix-caching", {"action": argparse.BooleanOptionalAction}),
-    ("--enable-chunked-prefill", {"action": argparse.BooleanOptionalAction}),
-    ("--kv-cache-gib", {"type": float, "help": "KV cache budget in GiB (CPU hosts)"}),
-    ("--job-queue-size", {"type": int, "help": "generation requests in flight before 503"}),
-    ("--predict-timeout", {"type": float, "help": "seconds one request may take"}),
-    ("--model-loading-timeout", {"type": float}),
-    ("--output-formatter", {"choices": ["json", "jsonlines", "sse"], "help": "LMI response form"}),
-    ("--tgi-compat", {"action": argparse.BooleanOptionalAction}),
-    ("--chat-template", {"help": "Jinja chat template (file or text) instead of the tokenizer's"}),
-    ("--graceful-timeout", {"type": float, "help": "seconds to drain in-flight requests on SIGTERM"}),
-    (
-        "--ignore-compile-cache",
-        {
-            "action": "store_true",
-            "help": "serve a precompiled artifact without its compile cache, even where its target.compile key does "
-            "not match this host (vLLM then compiles at start)",
-        },
-    ),
-]
+NOT_FLAGS = {"model"}  # the positional argument
+
+
+def flag_kwargs(name: str) -> dict[str, Any]:
+    """argparse options for one ServeConfig field, from its annotation and description (written once there)."""
+    info = ServeConfig.model_fields[name]
+    kinds = [a for a in _alternatives(info.annotation) if a is not type(None)]
+    kw: dict[str, Any] = {"default": None, "help": info.description}
+    kind = kinds[0]
+    if kind is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(kind) is typing.Literal:
+        kw["choices"] = list(typing.get_args(kind))
+    elif kind in (int, float):
+        kw["type"] = kind
+    return kw
+
+
+def _alternatives(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def flags() -> list[str]:
+    return sorted(FIELDS - NOT_FLAGS, key=list(ServeConfig.model_fields).index)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve_p = sub.add_parser("serve", help="serve an artifact (URI or directory) over HTTP")
+    serve_p = sub.add_parser("serve", help="serve a model over HTTP")
     config_p = sub.add_parser("config", help="print the resolved configuration with the source of every value")
     config_p.add_argument("--json", action="store_true", help="JSON instead of a table")
     for p in (serve_p, config_p):
-        p.add_argument("model", nargs="?", help="artifact URI, artifact directory, or Hugging Face directory")
-        for flag, kw in SETTINGS:
-            p.add_argument(flag, default=None, **kw)
+        p.add_argument("model", nargs="?", help="artifact URI, artifact or Hugging Face directory, or hub id")
+        for name in flags():
+            p.add_argument("--" + name.replace("_", "-"), dest=name, **flag_kwargs(name))
         p.add_argument(
             "--option",
             action="append",
@@ -77,32 +78,65 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging("INFO" if args.command == "serve" else "WARNING")
-    cli = {"model": args.model, **{f.lstrip("-").replace("-", "_"): None for f, _ in SETTINGS}}
-    cli.update({k: getattr(args, k) for k in cli if k != "model"})
-    try:
-        model, resolved = configure(cli, args.option, os.environ)
-        log.info("verified %s (%s)", model.name, model.source)
-        engine, settings = plan(model, resolved.config)
-        if args.command == "serve":
-            settings = with_compile_cache(model, resolved.config, settings)
-    except TargetMismatchError as exc:
-        print(f"kiln runtime: this artifact cannot run here: {exc}", file=sys.stderr)
-        return 1
-    except (ArtifactError, ConfigError, ValueError, OSError) as exc:
-        print(f"kiln runtime: {exc}", file=sys.stderr)
-        return 1
+    cli = {"model": args.model, **{name: getattr(args, name) for name in flags()}}
     if args.command == "config":
-        if args.json:
-            print(json.dumps({"settings": as_json(resolved), "engine": engine, "device": settings.device}, indent=2))
-        else:
-            print(render(resolved))
-            print(
-                f"-> {model.name} on {engine} ({settings.device}, dtype {settings.dtype}, "
-                f"max_model_len {settings.max_model_len}, tensor_parallel_degree {settings.tensor_parallel_degree})"
-            )
-        return 0
-    return serve(model, engine, settings, resolved)
+        with process.kiln_logs_only():
+            startup = _configure(cli, args.option, prepare=False, terminal=sys.stderr)
+            if startup is not None:
+                print_config(startup, as_json_output=args.json)
+        return 0 if startup is not None else 1
+    # Engine output (from the configuration check on, which may import the engine library) goes to its log file.
+    with process.engine_output() as terminal:
+        startup = _configure(cli, args.option, prepare=True, terminal=terminal)
+        return 1 if startup is None else serve(startup)
+
+
+def _configure(cli: dict[str, Any], options: list[str], prepare: bool, terminal: TextIO) -> Startup | None:
+    """The checked start-up, or None after telling the operator (one block, no traceback) what is wrong."""
+    try:
+        startup = configure(cli, options, os.environ, prepare=prepare)
+    except TargetMismatchError as exc:  # from pulling and verifying, before the configuration is read
+        print(f"kiln runtime: this artifact cannot run here: {exc}", file=terminal)
+        return None
+    except (ArtifactError, ConfigError, ValueError, OSError) as exc:
+        print(f"kiln runtime: {exc}", file=terminal)
+        return None
+    log.info("verified %s (%s)", startup.model.name, startup.model.source)
+    return startup
+
+
+def print_config(startup: Startup, as_json_output: bool) -> None:
+    plan, resolved = startup.plan, startup.resolved
+    s = plan.settings
+    where = f"{startup.location.origin} -> {startup.model.kind}"
+    if as_json_output:
+        doc = {
+            "settings": as_json(resolved, plan.chosen),
+            "engine": plan.spec.name,
+            "device": s.device,
+            "model": {"location": startup.location.target, "kind": startup.model.kind},
+            "engine_args": plan.spec.native_args(s),
+        }
+        print(json.dumps(doc, indent=2, default=str))
+        return
+    print(render(resolved, plan.chosen))
+    print(f"model: {startup.location.target} ({where})")
+    print(
+        f"-> {startup.model.name} on {plan.spec.name} ({s.device}, dtype {s.dtype}, max_model_len {s.max_model_len}, "
+        f"max_num_seqs {s.max_num_seqs}, tensor_parallel_degree {s.tensor_parallel_degree})"
+    )
+
+
+def run() -> int:
+    """``main``, then leave without interpreter teardown: engine libraries' finalizers (vLLM's AsyncLLM.__del__,
+    nanobind's leak report) misbehave once the interpreter is half torn down, after serving has already stopped
+    cleanly and every child process was stopped."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -1,21 +1,25 @@
-"""Wire a resolved model and its configuration to an engine and the HTTP server, and run it under uvicorn."""
+"""Wire a resolved model and its configuration to an engine and the HTTP server, and run it under uvicorn.
+
+Everything engine-specific is reached through the engine's hooks (``plan.spec``): this module names no engine.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from artifacts.errors import ArtifactError
-from runtime import compile_cache
+from runtime import engines, process
 from runtime.config import (
     ConfigError,
     Entry,
+    Location,
+    PartialConfigError,
     Resolved,
-    ServeConfig,
     Sources,
     artifact_entries,
     cli_entries,
@@ -25,19 +29,39 @@ from runtime.config import (
     redirect,
     resolve_config,
 )
-from runtime.engines import ENGINES
-from runtime.engines.base import EngineSettings
-from runtime.host import Host, TargetMismatchError, check_target, detect
+from runtime.host import Host, TargetMismatchError, detect
 from runtime.metrics import Metrics
 from runtime.resolve import ResolvedModel, resolve
 from runtime.server import ServerOptions, create_app
 from runtime.service import GenerationDefaults, ModelService, ServiceOptions
+from runtime.settings import Plan, derive
 
 log = logging.getLogger("kiln.runtime")
 
 
-def configure(cli: Mapping[str, Any], options: list[str], env: Mapping[str, str]) -> tuple[ResolvedModel, Resolved]:
-    """Find and verify the model, then resolve the configuration from every source (see runtime.config)."""
+@dataclass(frozen=True)
+class Startup:
+    """Everything ``serve`` needs, checked: the verified model, its configuration, the engine plan, the template."""
+
+    model: ResolvedModel
+    location: Location
+    resolved: Resolved
+    plan: Plan
+    template: str | None
+
+
+def configure(
+    cli: Mapping[str, Any],
+    options: list[str],
+    env: Mapping[str, str],
+    *,
+    prepare: bool = False,
+    host: Host | None = None,
+) -> Startup:
+    """Find and verify the model, resolve the configuration from every source (see runtime.config), check the
+    chat template and the target block against this host, and derive the engine settings. With ``prepare``
+    (``serve``), also check and prepare the engine's precompiled content. Every problem is reported at once in one
+    ConfigError; a model that cannot be found or verified raises ArtifactError before anything else is checked."""
     location = locate(cli.get("model"), env)
     first_dir = Path(location.target).expanduser()
     if location.sagemaker and not first_dir.is_dir():
@@ -47,80 +71,64 @@ def configure(cli: Mapping[str, Any], options: list[str], env: Mapping[str, str]
         )
     props = properties_in(first_dir) if first_dir.is_dir() else []
     location = redirect(location, props)
-    model = resolve(location.target)
+    model = resolve(location.target, revision=env.get("HF_MODEL_REVISION") or None)
     if not props and model.path != first_dir.resolve():
         props = properties_in(model.path)
     env_entries, hints = read_env(env)
     sources = Sources(
-        artifact=artifact_entries(model.manifest),
+        artifact=artifact_entries(model.manifest.serving if model.manifest else {}),
         properties=props,
         env=env_entries,
         cli=cli_entries(cli, options),
         hints=hints,
         located=[Entry("model", location.target, location.origin)],
     )
-    return model, resolve_config(sources, model.manifest, _native_keys, sagemaker=location.sagemaker)
+    target = model.manifest.target if model.manifest else None
+    problems: list[str] = []
+    try:
+        resolved = resolve_config(sources, target, _native_keys, container=location.container)
+    except PartialConfigError as exc:
+        problems += exc.problems
+        resolved = exc.partial
+    template = _checked(chat_template, resolved, problems)
+    plan: Plan | None = None
+    try:
+        plan = derive(model.path, target, resolved.config, host or detect())
+        if prepare:
+            plan = with_precompiled(plan, model, resolved)
+    except TargetMismatchError as exc:
+        problems.append(f"this artifact cannot run here: {exc}")
+    if problems:
+        raise ConfigError(problems)
+    assert plan is not None
+    return Startup(model, location, resolved, plan, template)
+
+
+def _checked(check: Any, resolved: Resolved, problems: list[str]) -> Any:
+    try:
+        return check(resolved)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        return None
 
 
 def _native_keys(engine: str) -> set[str]:
-    spec = ENGINES.get(engine)
-    if spec is None:
-        raise KeyError(f"no engine {engine!r} (known: {sorted(ENGINES)})")
-    return spec.native_keys()
+    return engines.get(engine).native_keys()
 
 
-def plan(model: ResolvedModel, cfg: ServeConfig, host: Host | None = None) -> tuple[str, EngineSettings]:
-    """Check the artifact against this host and derive the engine settings (the target block fills what the
-    configuration leaves open). Raises TargetMismatchError naming the first target field that does not fit."""
-    host = host or detect()
-    if model.manifest is None:
-        engine = cfg.engine or "vllm"
-        spec = ENGINES.get(engine)
-        if spec is None or spec.installed_version() is None:
-            known = sorted(ENGINES)
-            raise TargetMismatchError("engine", f"{engine!r} is not an installed engine here (known: {known})")
-        device, dtype, tp, max_len = host.devices[0], str(cfg.dtype), cfg.tensor_parallel_degree or 1, cfg.max_model_len
-        if tp > host.count(device):
-            raise TargetMismatchError(
-                "tensor_parallel_degree", f"{tp} {device} devices wanted, this host has {host.count(device)}"
-            )
-    else:
-        t = model.manifest.target
-        device = check_target(t, host)
-        engine, tp = t.engine, t.tensor_parallel_degree
-        dtype = t.dtype if cfg.dtype == "auto" else str(cfg.dtype)
-        max_len = cfg.max_model_len or t.max_model_len
-    settings = EngineSettings(
-        model_dir=model.path,
-        device=device,
-        dtype=dtype,
-        max_model_len=max_len,
-        max_num_seqs=cfg.max_num_seqs,
-        tensor_parallel_degree=tp,
-        enforce_eager=cfg.enforce_eager,
-        enable_prefix_caching=cfg.enable_prefix_caching,
-        enable_chunked_prefill=cfg.enable_chunked_prefill,
-        kv_cache_gib=cfg.kv_cache_gib,
-        extra=dict(cfg.engine_args),
+def with_precompiled(plan: Plan, model: ResolvedModel, resolved: Resolved) -> Plan:
+    """For an artifact with precompiled content (``target.compile``): the engine's compile hook checks its key
+    against this host and points the engine at it. Only ``serve`` does this: it imports the engine's libraries
+    and copies files, work that ``python -m runtime config`` has no use for."""
+    manifest = model.manifest
+    if manifest is None or not manifest.target.compile:
+        return plan
+    if plan.spec.compile is None:
+        raise TargetMismatchError("compile", f"the {plan.spec.name} engine cannot use precompiled content")
+    settings = plan.spec.compile.prepare(
+        model.path, manifest, plan.settings, ignore=resolved.config.ignore_compile_cache
     )
-    return engine, settings
-
-
-def with_compile_cache(model: ResolvedModel, cfg: ServeConfig, settings: EngineSettings) -> EngineSettings:
-    """For a precompiled artifact: check its compile key against this host and the settings, and point the engine
-    at a verified writable copy of its cache. Only ``serve`` does this: it imports torch and copies files, work
-    that ``python -m runtime config`` has no use for. Raises TargetMismatchError naming a mismatched key field."""
-    if model.manifest is None or not model.manifest.target.compile:
-        return settings
-    cache = compile_cache.prepare(
-        model.path,
-        model.manifest,
-        settings.device,
-        settings.dtype,
-        enforce_eager=settings.enforce_eager,
-        ignore=cfg.ignore_compile_cache,
-    )
-    return replace(settings, compile_cache=cache)
+    return Plan(plan.spec, settings, plan.chosen)
 
 
 def chat_template(resolved: Resolved) -> str | None:
@@ -136,27 +144,20 @@ def chat_template(resolved: Resolved) -> str | None:
     raise ConfigError([f"{resolved.origin('chat_template')}={value!r}: no such file, and not a Jinja template"])
 
 
-async def load_service(
-    model: ResolvedModel,
-    engine_name: str,
-    settings: EngineSettings,
-    resolved: Resolved,
-    template: str | None,
-    metrics: Metrics,
-) -> ModelService:
+async def load_service(startup: Startup, metrics: Metrics) -> ModelService:
     from transformers import AutoTokenizer
 
-    engine = ENGINES[engine_name].create(settings)
-    log.info("starting %s engine for %s on %s", engine_name, model.name, settings.device)
+    model, plan, cfg = startup.model, startup.plan, startup.resolved.config
+    engine = plan.spec.create(plan.settings)
+    log.info("starting %s engine for %s on %s", plan.spec.name, model.name, plan.settings.device)
     await engine.start()
     tokenizer = AutoTokenizer.from_pretrained(str(model.path))
-    cfg = resolved.config
     return ModelService(
         engine,
         tokenizer,
         cfg.served_model_name or model.name,
         GenerationDefaults.from_config(_generation_config(model.path)),
-        chat_template=template,
+        chat_template=startup.template,
         options=ServiceOptions(cfg.predict_timeout, cfg.output_formatter, cfg.tgi_compat),
         metrics=metrics,
     )
@@ -187,24 +188,30 @@ def _server_class() -> type:
     return Server
 
 
-def serve(model: ResolvedModel, engine_name: str, settings: EngineSettings, resolved: Resolved) -> int:
-    """Run the server until SIGTERM/SIGINT (exit 0 after draining) or a fatal engine failure (exit 1)."""
+def make_server(startup: Startup) -> tuple[Any, Callable[[], int]]:
+    """The uvicorn server for ``startup`` and a function giving its exit code once it stopped: 0 after a drain,
+    1 after a fatal engine failure."""
     import uvicorn
 
-    cfg = resolved.config
-    template = chat_template(resolved)
-    exit_code = 0
+    cfg = startup.resolved.config
+    exit_code = [0]
     server: uvicorn.Server | None = None
-    server_cls = _server_class()
 
     def on_fatal(code: int) -> None:
-        nonlocal exit_code
-        exit_code = code
+        exit_code[0] = code
         if server is not None:
             server.should_exit = True
 
+    async def load(metrics: Metrics) -> ModelService:
+        try:
+            return await load_service(startup, metrics)
+        except Exception:
+            if tail := process.engine_log_tail():  # the engine's own account of what went wrong
+                log.error("the engine failed to start; %s", tail)
+            raise
+
     app = create_app(
-        lambda metrics: load_service(model, engine_name, settings, resolved, template, metrics),
+        load,
         on_fatal,
         ServerOptions(job_queue_size=cfg.job_queue_size, model_loading_timeout=cfg.model_loading_timeout),
     )
@@ -217,7 +224,16 @@ def serve(model: ResolvedModel, engine_name: str, settings: EngineSettings, reso
         access_log=False,
         timeout_graceful_shutdown=int(cfg.graceful_timeout),
     )
-    server = server_cls(config)
+    server = _server_class()(config)
+    return server, lambda: exit_code[0]
+
+
+def serve(startup: Startup) -> int:
+    """Run the server until SIGTERM/SIGINT (exit 0 after draining) or a fatal engine failure (exit 1); no engine
+    process outlives it (runtime/process.py)."""
+    cfg = startup.resolved.config
+    server, exit_code = make_server(startup)
     log.info("listening on http://%s:%d", cfg.host, cfg.port)
-    server.run()
-    return exit_code
+    with process.reaped_children():
+        server.run()
+    return exit_code()
