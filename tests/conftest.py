@@ -8,10 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -110,9 +113,13 @@ class Server:
     def logs(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60, group: bool = False) -> int:
+        """Signal the server (``group``: its whole process group, as a container runtime or a terminal's ^C does)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            if group:
+                os.killpg(self.proc.pid, sig)
+            else:
+                self.proc.send_signal(sig)
         return self.proc.wait(timeout=timeout)
 
 
@@ -135,6 +142,7 @@ def start_server(
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, **(env or {})},
+            start_new_session=True,  # its own process group, signalled as a whole by stop(group=True)
         )
     server = Server(proc, f"http://127.0.0.1:{port}", log, [])
     if wait:
@@ -157,3 +165,77 @@ def wait_ready(server: Server, timeout: float) -> None:
         time.sleep(0.5)
     server.stop(signal.SIGKILL)
     raise AssertionError(f"server not ready after {timeout}s:\n{server.logs()[-5000:]}")
+
+
+# -- the fake engine: kiln's own HTTP behaviour in milliseconds ------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model as a plain Hugging Face directory (no manifest: any engine may serve it)."""
+    d = tmp_path_factory.mktemp("tiny-plain") / "tiny-llama"
+    assert run_cli("artifacts", "pull", tiny_uri, str(d)).returncode == 0
+    (d / "manifest.json").unlink()
+    return d
+
+
+@dataclass
+class FakeServer:
+    base: str
+    app: Any
+
+    @property
+    def engine(self) -> Any:
+        """The running FakeEngine (for tests that look inside it)."""
+        return self.app.state.kiln.service.engine
+
+
+@contextmanager
+def fake_server(model_dir: Path, *options: str, env: dict[str, str] | None = None, **cli: Any) -> Iterator[FakeServer]:
+    """kiln's real server (configuration, app, uvicorn on a loopback port) with the fake engine, in a thread of this
+    process: ``options`` are ``--option`` pairs, ``cli`` flag values (``job_queue_size=3``)."""
+    from runtime import engines
+    from runtime.app import configure, make_server
+
+    engines.register("fake", "tests.fake_engine")
+    port = free_port()
+    flags = {"model": str(model_dir), "engine": "fake", "port": port, **cli}
+    startup = configure(flags, list(options), {"HF_HUB_OFFLINE": "1", **(env or {})})
+    server, _ = make_server(startup)
+    thread = threading.Thread(target=server.run, name="fake-server", daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/ping", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the fake-engine server did not become ready")
+    try:
+        yield FakeServer(base, server.config.app)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def start_fake_process(model_dir: Path, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
+    """``python -m runtime serve DIR --engine fake`` as a real process (signals, exit codes)."""
+    port = free_port()
+    log = tmp / f"fake-{port}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fake_serve", "serve", str(model_dir), "--engine", "fake", "--port", str(port)]
+            + list(extra),
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+    server = Server(proc, f"http://127.0.0.1:{port}", log, [])
+    wait_ready(server, 120)
+    return server

@@ -5,7 +5,7 @@ block winning over contradicting values; and the response forms the configuratio
 from __future__ import annotations
 
 import json
-import signal
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from runtime.config import (
     read_properties,
     resolve_config,
 )
-from tests.conftest import Server, run_cli, start_server, wait_ready
+from tests.conftest import FakeServer, fake_server, run_cli
 
 TARGET = Target("vllm", "", ("cpu",), "bfloat16", 1, 2048)
 
@@ -51,16 +51,16 @@ def accepts(*keys: str) -> object:
 def test_each_source_overrides_the_one_below(tmp_path: Path) -> None:
     m = manifest({"max_num_seqs": 16})
     layers = Sources()
-    assert resolve_config(layers, None).config.max_num_seqs == 32  # default
+    assert resolve_config(layers, None).config.max_num_seqs is None  # default: the engine's (runtime/settings.py)
     steps = [
-        ("artifact", lambda: setattr(layers, "artifact", artifact_entries(m)), 16),
+        ("artifact", lambda: setattr(layers, "artifact", artifact_entries(m.serving)), 16),
         ("serving.properties", lambda: setattr(layers, "properties", props(tmp_path, "option.max_num_seqs=8\n")), 8),
         ("env", lambda: setattr(layers, "env", read_env({"OPTION_MAX_NUM_SEQS": "4"})[0]), 4),
         ("cli", lambda: setattr(layers, "cli", entries("cli", max_num_seqs=2)), 2),
     ]
     for source, add, value in steps:
         add()  # type: ignore[no-untyped-call]
-        r = resolve_config(layers, m)
+        r = resolve_config(layers, m.target)
         assert r.config.max_num_seqs == value
         assert r.origin("max_num_seqs").source == source
 
@@ -85,7 +85,7 @@ def test_lmi_tgi_and_sagemaker_names(tmp_path: Path) -> None:
     assert str(r.origin("max_num_seqs")) == "env MAX_BATCH_SIZE"
     assert str(r.origin("dtype")) == "serving.properties option.dtype"
     # SM_NUM_GPUS describes the instance: an artifact's target block fixes the degree instead.
-    assert resolve_config(Sources(hints=hints), manifest()).config.tensor_parallel_degree is None
+    assert resolve_config(Sources(hints=hints), manifest().target).config.tensor_parallel_degree is None
 
 
 @pytest.mark.unit
@@ -108,7 +108,7 @@ def test_all_problems_in_one_message(tmp_path: Path) -> None:
     )
     env, _ = read_env({"OPTION_TENSOR_PARALLEL_DEGREE": "two"})
     with pytest.raises(ConfigError) as err:
-        resolve_config(Sources(properties=p, env=env), manifest(), accepts("max_num_batched_tokens"))
+        resolve_config(Sources(properties=p, env=env), manifest().target, accepts("max_num_batched_tokens"))
     text = str(err.value)
     for needle in (
         "option.max_rolling_batch_size",
@@ -123,42 +123,42 @@ def test_all_problems_in_one_message(tmp_path: Path) -> None:
     assert len(err.value.problems) == 6
     # max_model_len is checked against the target only once the values themselves are valid
     with pytest.raises(ConfigError, match="target.max_model_len=2048"):
-        resolve_config(Sources(properties=props(tmp_path, "option.max_model_len=4096\n")), manifest())
+        resolve_config(Sources(properties=props(tmp_path, "option.max_model_len=4096\n")), manifest().target)
 
 
 @pytest.mark.unit
 def test_engine_native_keys_pass_through_only_when_accepted(tmp_path: Path) -> None:
     p = props(tmp_path, "option.max_rolling_batch_prefill_tokens=512\noption.enable_lora=true\n")
-    r = resolve_config(Sources(properties=p), manifest(), accepts("max_num_batched_tokens", "enable_lora"))
+    r = resolve_config(Sources(properties=p), manifest().target, accepts("max_num_batched_tokens", "enable_lora"))
     assert r.config.engine_args == {"max_num_batched_tokens": 512, "enable_lora": True}
     assert str(r.origin("engine_args.max_num_batched_tokens")) == (
         "serving.properties option.max_rolling_batch_prefill_tokens"
     )
     with pytest.raises(ConfigError, match=r"option.enable_lora: not a kiln setting and not a transformers engine"):
-        resolve_config(Sources(properties=p), manifest(engine="transformers"), accepts("max_num_batched_tokens"))
+        resolve_config(Sources(properties=p), manifest(engine="transformers").target, accepts("max_num_batched_tokens"))
 
 
 @pytest.mark.unit
 def test_target_block_wins_over_contradicting_values() -> None:
     cli = entries("cli", engine="transformers", tensor_parallel_degree=2, dtype="float16")
     with pytest.raises(ConfigError) as err:
-        resolve_config(Sources(cli=cli), manifest(quantization="awq"))
+        resolve_config(Sources(cli=cli), manifest(quantization="awq").target)
     text = str(err.value)
     assert "target.engine='vllm'" in text
     assert "target.tensor_parallel_degree=1" in text
     assert "quantized (awq)" in text
-    ok = resolve_config(Sources(cli=entries("cli", dtype="float16", max_model_len=1024)), manifest())
+    ok = resolve_config(Sources(cli=entries("cli", dtype="float16", max_model_len=1024)), manifest().target)
     assert (ok.config.dtype, ok.config.max_model_len) == ("float16", 1024)
 
 
 @pytest.mark.unit
-def test_ignored_lmi_keys_are_listed_and_sagemaker_listens_everywhere(tmp_path: Path) -> None:
+def test_ignored_lmi_keys_are_listed_and_container_mode_listens_everywhere(tmp_path: Path) -> None:
     p = props(tmp_path, "engine=Python\nminWorkers=1\noption.entryPoint=djl_python.lmi_vllm.vllm_async_service\n")
-    r = resolve_config(Sources(properties=p), manifest(), sagemaker=True)
+    r = resolve_config(Sources(properties=p), manifest().target, container=True)
     assert [o.name for o, _ in r.ignored] == ["engine", "minWorkers", "option.entryPoint"]
     assert (r.config.host, r.config.port) == ("0.0.0.0", 8080)
     with pytest.raises(ConfigError, match="custom handler"):
-        resolve_config(Sources(properties=props(tmp_path, "option.entryPoint=model.py\n")), manifest())
+        resolve_config(Sources(properties=props(tmp_path, "option.entryPoint=model.py\n")), manifest().target)
 
 
 # -- through the real CLI -----------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def test_config_command_shows_each_value_and_its_source(artifact_dir: Path) -> N
     assert s["max_num_seqs"] == {"value": 8, "source": "serving.properties option.max_rolling_batch_size"}
     assert s["job_queue_size"] == {"value": 40, "source": "env OPTION_JOB_QUEUE_SIZE"}
     assert s["predict_timeout"] == {"value": 20.0, "source": "cli --predict-timeout"}
-    assert s["enforce_eager"] == {"value": False, "source": "artifact serving.enforce_eager"}
+    assert s["enforce_eager"] == {"value": False, "source": "default"}  # the build records only what it sets
     assert s["port"] == {"value": 8080, "source": "default"}
     table = run_cli("runtime", "config", str(artifact_dir), env=env)
     assert "serving.properties option.max_rolling_batch_size" in table.stdout
@@ -228,33 +228,26 @@ def test_vllm_engine_args_pass_through_and_unknown_keys_refuse_to_start(artifact
     assert proc.stderr.count("\n  - ") == 3  # one message, every problem listed
 
 
-# -- response forms chosen by configuration, on real (transformers-engine) servers --------------------------------
+# -- response forms chosen by configuration (kiln's own behaviour: the fake engine) -------------------------------
 
 
 @pytest.fixture(scope="module")
-def formatted(tiny_hf_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
-    """Two servers started together: TGI-compatible forms (set by the environment), and SSE streaming plus a chat
-    template override (set by serving.properties in the model directory)."""
+def formatted(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeServer, FakeServer]]:
+    """Two servers: TGI-compatible forms (set by the environment), and SSE streaming plus a chat template override
+    (set by serving.properties in the model directory)."""
     tmp = tmp_path_factory.mktemp("forms")
     d = tmp / "model"
-    assert run_cli("artifacts", "pull", tiny_hf_uri, str(d)).returncode == 0
+    shutil.copytree(tiny_dir, d)
     (tmp / "template.jinja").write_text("Say something.")  # ignores the messages entirely
     (d / "serving.properties").write_text(
         f"option.output_formatter=sse\noption.chat_template={tmp / 'template.jinja'}\n"
     )
-    tgi = start_server(tiny_hf_uri, tmp, wait=False, env={"OPTION_TGI_COMPAT": "true"})
-    sse = start_server(str(d), tmp, wait=False)
-    try:
-        wait_ready(tgi, 300)
-        wait_ready(sse, 300)
+    with fake_server(tiny_dir, env={"OPTION_TGI_COMPAT": "true"}) as tgi, fake_server(d) as sse:
         yield tgi, sse
-    finally:
-        for srv in (tgi, sse):
-            srv.stop(signal.SIGTERM)
 
 
-@pytest.mark.integration
-def test_tgi_compat_array_and_sse_stream(formatted: tuple[Server, Server]) -> None:
+@pytest.mark.unit
+def test_tgi_compat_array_and_sse_stream(formatted: tuple[FakeServer, FakeServer]) -> None:
     tgi, _ = formatted
     body = {"inputs": "The cat", "parameters": {"max_new_tokens": 4}}
     r = httpx.post(tgi.base + "/invocations", json=body, timeout=60)
@@ -272,8 +265,8 @@ def test_tgi_compat_array_and_sse_stream(formatted: tuple[Server, Server]) -> No
     assert isinstance(events[-1]["generated_text"], str)
 
 
-@pytest.mark.integration
-def test_sse_formatter_and_chat_template_from_serving_properties(formatted: tuple[Server, Server]) -> None:
+@pytest.mark.unit
+def test_sse_formatter_and_chat_template_from_serving_properties(formatted: tuple[FakeServer, FakeServer]) -> None:
     _, sse = formatted
     body = {"inputs": "The cat", "parameters": {"max_new_tokens": 4}, "stream": True}
     with httpx.stream("POST", sse.base + "/invocations", json=body, timeout=60) as s:
@@ -292,3 +285,100 @@ def test_sse_formatter_and_chat_template_from_serving_properties(formatted: tupl
     # The template ignores the messages: both prompts render to the same tokens, so greedy replies match.
     assert replies[0]["usage"]["prompt_tokens"] == replies[1]["usage"]["prompt_tokens"]
     assert replies[0]["choices"][0]["message"] == replies[1]["choices"][0]["message"]
+
+
+# -- where the model is, and container mode -------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("var", ["HF_MODEL_ID", "OPTION_MODEL_ID", "SM_MODEL_DIR"])
+def test_container_configuration_listens_on_all_interfaces(tiny_dir: Path, var: str) -> None:
+    """LMI's container variables (and SageMaker's model directory) mean a container: 0.0.0.0:8080, as LMI."""
+    from runtime.app import configure
+
+    c = configure({}, [], {var: str(tiny_dir)}).resolved
+    assert (c.config.host, c.config.port) == ("0.0.0.0", 8080)
+    assert str(c.origin("host")) == "default (container mode)"
+    for env, want in (({"OPTION_HOST": "127.0.0.1"}, "127.0.0.1"), ({"SERVING_HOST": "10.1.2.3"}, "10.1.2.3")):
+        assert configure({}, [], {var: str(tiny_dir), **env}).resolved.config.host == want
+    assert configure({"host": "::1"}, [], {var: str(tiny_dir)}).resolved.config.host == "::1"
+
+
+@pytest.mark.unit
+def test_a_model_named_on_the_command_line_stays_on_loopback(tiny_dir: Path) -> None:
+    from runtime.app import configure
+
+    c = configure({"model": str(tiny_dir)}, [], {"HF_MODEL_ID": "ignored/by-the-argument"}).resolved
+    assert c.config.host == "127.0.0.1"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("text", "hub"),
+    [
+        ("meta-llama/Llama-3.1-8B-Instruct", True),
+        ("Qwen/Qwen2.5-0.5B", True),
+        ("tiny-llama:latest", False),
+        ("s3://bucket/llama/", False),
+        ("file:///store/x:latest", False),
+        ("./models/llama", False),
+        ("a/b/c", False),
+    ],
+)
+def test_hub_ids_are_told_from_other_locations(text: str, hub: bool) -> None:
+    from runtime.config import is_hub_id
+
+    assert is_hub_id(text) is hub
+
+
+@pytest.mark.unit
+def test_hub_id_offline_is_refused_at_once_naming_the_alternatives(monkeypatch: pytest.MonkeyPatch) -> None:
+    from artifacts.errors import ArtifactError
+    from runtime.app import configure
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
+    with pytest.raises(ArtifactError) as err:
+        configure({}, [], {"HF_MODEL_ID": "meta-llama/Llama-3.1-8B", "HF_TOKEN": "hf_secret_value_123"})
+    text = str(err.value)
+    assert "'meta-llama/Llama-3.1-8B' is a Hugging Face hub id, and HF_HUB_OFFLINE is set" in text
+    assert "local directory or an s3:// prefix" in text
+    assert "neither a store URI" not in text
+    assert "hf_secret_value_123" not in text
+
+
+@pytest.mark.unit
+def test_batch_default_is_the_engines_and_config_shows_it(tiny_dir: Path) -> None:
+    """LMI's max_rolling_batch_size defaults (256 for vLLM, 32 for its other backends), on CPU bounded by the KV
+    cache at full length: the tiny model's 2048 tokens take 2 KiB each (4 layers x 2 KV heads x 64 x 2 bytes x
+    K and V), so 1 GiB holds 256 of them, and 64 MiB only 16."""
+    from runtime.app import configure
+
+    vllm = configure({"model": str(tiny_dir)}, [], {}).plan
+    assert (vllm.spec.name, vllm.settings.max_num_seqs, vllm.settings.kv_cache_gib) == ("vllm", 256, 1.0)
+    assert "256" in vllm.chosen["max_num_seqs"].why
+    small = configure({"model": str(tiny_dir), "kv_cache_gib": 1 / 16}, [], {}).plan
+    assert small.settings.max_num_seqs == 16
+    hf = configure({"model": str(tiny_dir), "engine": "transformers"}, [], {}).plan
+    assert hf.settings.max_num_seqs == 32
+    mine = configure({"model": str(tiny_dir), "max_num_seqs": 7}, [], {}).plan
+    assert mine.settings.max_num_seqs == 7
+    assert "max_num_seqs" not in mine.chosen
+
+
+@pytest.mark.unit
+def test_startup_problems_are_reported_together(tiny_dir: Path) -> None:
+    """A bad chat template, a bad value and a target the host cannot give, in one message."""
+    from runtime.app import configure
+
+    with pytest.raises(ConfigError) as err:
+        configure(
+            {"model": str(tiny_dir), "chat_template": "/no/such/template.jinja", "tensor_parallel_degree": 64},
+            ["max_num_seqs=0"],
+            {},
+        )
+    text = str(err.value)
+    assert len(err.value.problems) == 3, text
+    assert "cli --chat-template='/no/such/template.jinja': no such file" in text
+    assert "cli --option max_num_seqs='0': Input should be greater than or equal to 1" in text
+    assert "target.tensor_parallel_degree: 64 cpu devices wanted" in text

@@ -1,9 +1,10 @@
-"""The server under pressure, with the real vLLM CPU engine over real HTTP: a bounded queue (job_queue_size),
-per-request timeouts (predict_timeout) reported in-band once a stream started and failing only that request,
-SIGTERM draining in-flight requests, and an engine death turning /ping 503 and the process non-zero.
+"""The server under pressure, with the fake engine (kiln's own behaviour, in seconds): a bounded queue
+(job_queue_size), per-request timeouts (predict_timeout) reported in-band once a stream started and failing only
+that request, client disconnects aborting the engine request, SIGTERM draining in-flight requests, and an engine
+death turning /ping 503 and the process non-zero. The same through vLLM: tests/test_serve.py, tests/test_compile.py.
 
-The tiny model cannot generate 1900 tokens within the 4 s predict_timeout below (that is 1900 engine steps of
-several milliseconds each), while an 8-token request takes a few tens of milliseconds.
+The fake engine here takes 10 ms per token, so a 1900-token request outlasts the 1 s predict_timeout below by
+far, while an 8-token request takes under 0.1 s.
 """
 
 from __future__ import annotations
@@ -14,28 +15,26 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, suppress
+from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
-from tests.conftest import Server, start_server
-from tests.test_serve import metrics, wait_engine_idle
+from tests.conftest import FakeServer, fake_server, start_fake_process
+from tests.test_serve import metrics
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.unit
 CHAT = [{"role": "user", "content": "Tell me a long story."}]
 LONG = {"max_tokens": 1900, "ignore_eos": True, "temperature": 0}
 QUEUE = 3
-TIMEOUT_S = 4
+TIMEOUT_S = 1.0
+SLOW = ("token_delay_s=0.01",)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(
-        tiny_uri, tmp_path_factory.mktemp("limits"), "--job-queue-size", str(QUEUE), "--predict-timeout", str(TIMEOUT_S)
-    )
-    yield srv
-    srv.stop(signal.SIGKILL if srv.proc.poll() is None else signal.SIGTERM)
+def server(tiny_dir: Path) -> Iterator[FakeServer]:
+    with fake_server(tiny_dir, *SLOW, job_queue_size=QUEUE, predict_timeout=TIMEOUT_S) as srv:
+        yield srv
 
 
 def sse_events(lines: Iterator[str]) -> Iterator[dict[str, object] | str]:
@@ -45,7 +44,14 @@ def sse_events(lines: Iterator[str]) -> Iterator[dict[str, object] | str]:
             yield data if data == "[DONE]" else json.loads(data)
 
 
-def test_queue_full_is_refused_at_once_with_503(server: Server) -> None:
+def wait_idle(srv: FakeServer, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while srv.engine.running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not srv.engine.running, f"the engine still runs {srv.engine.running}"
+
+
+def test_queue_full_is_refused_at_once_with_503(server: FakeServer) -> None:
     with ExitStack() as stack, httpx.Client(base_url=server.base, timeout=30) as c:
         streams = []  # keep each line iterator: dropping one closes its response (and so the connection)
         for _ in range(QUEUE):
@@ -61,17 +67,18 @@ def test_queue_full_is_refused_at_once_with_503(server: Server) -> None:
         lmi = httpx.post(server.base + "/invocations", json={"inputs": "x"}, timeout=30)
         assert httpx.get(server.base + "/v1/models").status_code == 200  # only generation requests are gated
     assert full.status_code == 503, full.text
+    assert full.headers["retry-after"] == "1"
     assert "job_queue_size" in full.json()["error"]["message"]
-    assert refused_in < 1.0  # immediately, not after waiting for a slot
+    assert refused_in < 0.5  # immediately, not after waiting for a slot
     assert lmi.status_code == 503
     assert lmi.json()["code"] == 503
-    wait_engine_idle(server.base)
+    wait_idle(server)  # the three streams were closed by the client: aborted in the engine
     again = httpx.post(server.base + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
     assert again.status_code == 200, again.text
     assert metrics(server.base)['kiln_requests_total{route="/v1/completions",status="503"}'] >= 1
 
 
-def test_predict_timeout_fails_only_the_slow_request_in_band(server: Server) -> None:
+def test_predict_timeout_fails_only_the_slow_request_in_band(server: FakeServer) -> None:
     events: list[dict[str, object] | str] = []
 
     def slow() -> None:
@@ -83,10 +90,10 @@ def test_predict_timeout_fails_only_the_slow_request_in_band(server: Server) -> 
     t = threading.Thread(target=slow)
     t.start()
     others = []
-    while t.is_alive():  # the rest of the batch keeps being served while the slow request runs and fails
+    while t.is_alive():  # the rest keeps being served while the slow request runs and fails
         r = httpx.post(server.base + "/v1/completions", json={"prompt": "The cat", "max_tokens": 8}, timeout=30)
         others.append(r.status_code)
-        time.sleep(0.2)
+        time.sleep(0.05)
     t.join()
     assert events[-1] == "[DONE]"
     error = events[-2]
@@ -96,10 +103,10 @@ def test_predict_timeout_fails_only_the_slow_request_in_band(server: Server) -> 
     assert any(isinstance(e, dict) and "choices" in e and e["choices"] for e in events[:-2])  # it had started
     assert len(others) >= 3
     assert set(others) == {200}
-    wait_engine_idle(server.base, timeout=10)  # the timed-out request was aborted in the engine
+    wait_idle(server)  # the timed-out request was aborted in the engine
 
 
-def test_predict_timeout_lmi_stream_and_non_streaming(server: Server) -> None:
+def test_predict_timeout_lmi_stream_and_non_streaming(server: FakeServer) -> None:
     body = {"inputs": "The cat", "parameters": {"max_new_tokens": 1900, "ignore_eos_token": True}, "stream": True}
     with httpx.stream("POST", server.base + "/invocations", json=body, timeout=60) as r:
         lines = [json.loads(line) for line in r.iter_lines() if line]
@@ -109,61 +116,82 @@ def test_predict_timeout_lmi_stream_and_non_streaming(server: Server) -> None:
     assert last["token"]["id"] == -1
     assert last["code"] == 408
     assert "predict_timeout" in last["error"]
+    assert len(lines) > 1
     assert all(line["token"]["id"] >= 0 for line in lines[:-1])  # what streamed before the deadline were tokens
     t0 = time.monotonic()
     r2 = httpx.post(server.base + "/v1/completions", json={"prompt": "The cat", **LONG}, timeout=60)
     assert r2.status_code == 408, r2.text
     assert r2.json()["error"]["param"] == "predict_timeout"
-    assert time.monotonic() - t0 < TIMEOUT_S + 5
-    wait_engine_idle(server.base, timeout=10)
+    assert time.monotonic() - t0 < TIMEOUT_S + 2
+    wait_idle(server)
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0(server: Server) -> None:
+def test_client_disconnect_aborts_the_engine_request(server: FakeServer) -> None:
+    body = {"prompt": "The cat", "max_tokens": 500, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=server.base, timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert [next(lines) for _ in range(3)]  # generating; leaving the block closes the connection
+    t0 = time.monotonic()
+    wait_idle(server, timeout=2)
+    assert time.monotonic() - t0 < 1  # at once, not when the 5 s request would have ended
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming request whose client gives up is aborted too
+        httpx.post(server.base + "/v1/completions", json={**body, "stream": False}, timeout=0.3)
+    wait_idle(server, timeout=2)
+
+
+def test_engine_failure_mid_stream_fails_only_that_request(server: FakeServer) -> None:
+    body = {"prompt": "[fail] The cat", "max_tokens": 20, "stream": True}
+    with httpx.stream("POST", server.base + "/v1/completions", json=body, timeout=30) as r:
+        events = list(sse_events(r.iter_lines()))
+    assert r.status_code == 200
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == 424  # type: ignore[index]
+    assert "on purpose" in events[-2]["error"]["message"]  # type: ignore[index]
+    ok = httpx.post(server.base + "/v1/completions", json={"prompt": "The cat", "max_tokens": 4}, timeout=30)
+    assert ok.status_code == 200
+    assert httpx.get(server.base + "/ping").status_code == 200
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_dir: Path, tmp_path: Path) -> None:
+    srv = start_fake_process(tiny_dir, tmp_path, "--option", "token_delay_s=0.02")
     body = {
         "prompt": "The cat",
         "max_tokens": 80,
-        "ignore_eos": True,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    with httpx.stream("POST", server.base + "/v1/completions", json=body, timeout=60) as r:
-        lines = r.iter_lines()
-        first = next(lines)
-        server.proc.send_signal(signal.SIGTERM)  # mid-stream: stop accepting, finish this one, exit 0
-        events = list(sse_events(iter([first, *lines])))
-    assert events[-1] == "[DONE]"
-    usage = events[-2]
-    assert isinstance(usage, dict)
-    assert usage["usage"]["completion_tokens"] == 80  # type: ignore[index]
-    assert server.proc.wait(timeout=60) == 0
-    with pytest.raises(httpx.TransportError):
-        httpx.get(server.base + "/ping", timeout=5)
-
-
-def test_engine_death_turns_ping_503_and_exits_non_zero(
-    tiny_uri: str, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    srv = start_server(tiny_uri, tmp_path_factory.mktemp("death"))
     try:
-        core = [p for p in psutil.Process(srv.proc.pid).children(recursive=True) if "EngineCore" in _name(p)]
-        assert core, "no vLLM engine core process found"
-        for p in core:
-            p.kill()
+        with httpx.stream("POST", srv.base + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            srv.proc.send_signal(signal.SIGTERM)  # mid-stream: stop accepting, finish this one, exit 0
+            events = list(sse_events(iter([first, *lines])))
+        assert events[-1] == "[DONE]"
+        usage = events[-2]
+        assert isinstance(usage, dict)
+        assert usage["usage"]["completion_tokens"] == 80  # type: ignore[index]
+        assert srv.proc.wait(timeout=60) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(srv.base + "/ping", timeout=5)
+    finally:
+        srv.stop(signal.SIGKILL)
+    assert "Traceback" not in srv.logs()
+
+
+def test_engine_death_turns_ping_503_and_exits_non_zero(tiny_dir: Path, tmp_path: Path) -> None:
+    srv = start_fake_process(tiny_dir, tmp_path)
+    try:
+        r = httpx.post(srv.base + "/v1/completions", json={"prompt": "[die]", "max_tokens": 9, "stream": True})
+        assert r.status_code == 200
+        assert '"code":503' in r.text  # the stream that saw the death ends with an in-band error
         codes = []
-        while srv.proc.poll() is None and len(codes) < 600:
+        while srv.proc.poll() is None and len(codes) < 200:
             with suppress(httpx.TransportError):
                 codes.append(httpx.get(srv.base + "/ping", timeout=5).status_code)
-            time.sleep(0.1)
-        assert srv.proc.wait(timeout=60) == 1, srv.logs()[-3000:]
+            time.sleep(0.05)
+        assert srv.proc.wait(timeout=30) == 1, srv.logs()[-3000:]
         assert 503 in codes
         assert "engine died" in srv.logs()
     finally:
         srv.stop(signal.SIGKILL)
-
-
-def _name(p: psutil.Process) -> str:
-    try:
-        return p.name() + " " + " ".join(p.cmdline())
-    except psutil.Error:
-        return ""

@@ -1,0 +1,157 @@
+"""The fake engine itself (see the package docstring)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+from runtime.engines.base import (
+    EngineDeadError,
+    EngineError,
+    EngineOutput,
+    EngineRequestError,
+    EngineSettings,
+    EngineStats,
+    SamplingSpec,
+    SeqDelta,
+    TokenInfo,
+    max_position_embeddings,
+)
+
+FIRST_ID = 300  # generated ids stay clear of the special and single-byte tokens at the start of the vocabulary
+KNOWN_EXTRA = {"logit_bias"}
+
+
+class FakeEngine:
+    name = "fake"
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        cap = settings.extra.get("max_model_len_cap")
+        self.max_model_len = settings.max_model_len or int(cap or max_position_embeddings(settings.model_dir) or 2048)
+        self.token_delay = float(settings.extra.get("token_delay_s", 0.0))
+        self.tokenizer: Any = None
+        self.vocab = 0
+        self.dead: str | None = None
+        self.running: set[str] = set()
+        self.aborted: set[str] = set()
+        self.requests = 0  # every request the engine saw (tests count them)
+
+    async def start(self) -> None:
+        from transformers import AutoTokenizer
+
+        await asyncio.sleep(float(self.settings.extra.get("load_delay_s", 0.0)))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.settings.model_dir))
+        self.vocab = len(self.tokenizer)
+
+    def validate(self, spec: SamplingSpec) -> None:
+        unknown = sorted(set(spec.extra) - KNOWN_EXTRA)
+        if unknown:
+            raise EngineRequestError(f"Unexpected keyword argument '{unknown[0]}'", param=unknown[0])
+        if spec.n > 1 and spec.temperature == 0.0:
+            raise EngineRequestError("n > 1 needs sampling (temperature > 0)", param="n")
+
+    def _ids(self, prompt_ids: list[int], spec: SamplingSpec, index: int) -> list[int]:
+        span = max(self.vocab - FIRST_ID, 1)
+        if spec.temperature > 0 and spec.seed is None:
+            rng = random.Random()
+            return [FIRST_ID + rng.randrange(span) for _ in range(spec.max_tokens)]
+        base = sum(prompt_ids) * 31 + index * 977 + (spec.seed or 0) * 7919 * (spec.temperature > 0)
+        return [FIRST_ID + (base + 17 * i * i + 5 * i) % span for i in range(spec.max_tokens)]
+
+    async def generate(self, request_id: str, prompt_ids: list[int], spec: SamplingSpec) -> AsyncIterator[EngineOutput]:
+        if self.dead:
+            raise EngineDeadError(self.dead)
+        self.validate(spec)
+        self.requests += 1
+        self.running.add(request_id)
+        prompt_text = self.tokenizer.decode(prompt_ids)
+        delay = 0.2 if "[slow]" in prompt_text else self.token_delay
+        seqs = [_Seq(self, i, self._ids(prompt_ids, spec, i), spec) for i in range(spec.n)]
+        try:
+            for step in range(spec.max_tokens):
+                await asyncio.sleep(delay)
+                if request_id in self.aborted:
+                    yield EngineOutput(tuple(s.abort() for s in seqs if not s.done), len(prompt_ids), True)
+                    return
+                if step == 2 and "[fail]" in prompt_text:
+                    raise EngineError("the fake engine failed this request on purpose")
+                if step == 2 and "[die]" in prompt_text:
+                    self.dead = "the fake engine died on purpose"
+                    raise EngineDeadError(self.dead)
+                deltas = tuple(d for s in seqs if not s.done and (d := s.step(step)) is not None)
+                done = all(s.done for s in seqs)
+                prompt_lp = _prompt_logprobs(self, prompt_ids, spec) if step == 0 else None
+                yield EngineOutput(deltas, len(prompt_ids), done, prompt_logprobs=prompt_lp)
+                if done:
+                    return
+        finally:
+            self.running.discard(request_id)
+            self.aborted.discard(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self.running:
+            self.aborted.add(request_id)
+
+    async def check_health(self) -> None:
+        if self.dead:
+            raise EngineDeadError(self.dead)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self.running), waiting=0, kv_cache_usage=0.0)
+
+    async def shutdown(self) -> None:
+        self.running.clear()
+
+    def text(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def token(self, tid: int, position: int, k: int | None) -> TokenInfo:
+        """Deterministic logprobs: the chosen token, then ``k`` alternatives, each less likely."""
+        lp = -0.25 - 0.01 * (position % 7)
+        top = tuple((alt, self.text([alt]), lp - j) for j, alt in enumerate([tid, tid + 1, tid + 2][: k or 0]))
+        return TokenInfo(id=tid, text=self.text([tid]), logprob=lp if k is not None else None, top=top)
+
+
+class _Seq:
+    """One of a request's ``n`` sequences: incremental decoding (nothing for a partial UTF-8 character), stops."""
+
+    def __init__(self, engine: FakeEngine, index: int, ids: list[int], spec: SamplingSpec) -> None:
+        self.engine, self.index, self.ids, self.spec = engine, index, ids, spec
+        self.done = False
+        self.sent = ""
+
+    def step(self, i: int) -> SeqDelta | None:
+        tid = self.ids[i]
+        decoded = self.engine.text(self.ids[: i + 1])
+        full = decoded if not decoded.endswith("\ufffd") else self.sent
+        info = self.engine.token(tid, i, self.spec.logprobs)
+        finish: str | None = None
+        reason: str | int | None = None
+        for stop in self.spec.stop:
+            if stop and stop in full:
+                cut = full.index(stop) + (len(stop) if self.spec.include_stop_str_in_output else 0)
+                full, finish, reason = full[:cut], "stop", stop
+                break
+        if finish is None and tid in self.spec.stop_token_ids:
+            finish, reason = "stop", tid
+        if finish is None and i == len(self.ids) - 1:
+            finish = "length"
+        text = full[len(self.sent) :] if full.startswith(self.sent) else ""
+        self.sent = full if full.startswith(self.sent) else self.sent
+        self.done = finish is not None
+        return SeqDelta(self.index, text, (info,), finish, reason)
+
+    def abort(self) -> SeqDelta:
+        self.done = True
+        return SeqDelta(self.index, "", (), "abort", None)
+
+
+def _prompt_logprobs(engine: FakeEngine, ids: list[int], spec: SamplingSpec) -> tuple[TokenInfo | None, ...] | None:
+    if spec.prompt_logprobs is None:
+        return None
+    # As vLLM: the first prompt token has no logprob (nothing precedes it).
+    first = TokenInfo(id=ids[0], text="")
+    return (first, *(engine.token(t, p, spec.prompt_logprobs) for p, t in enumerate(ids[1:], 1)))
