@@ -21,8 +21,9 @@ pytestmark = pytest.mark.unit
 def test_runtime_never_imports_the_build_side() -> None:
     code = (
         "import sys, runtime, runtime.__main__, runtime.server, runtime.service, runtime.app, runtime.resolve;"
-        "import runtime.engines.vllm, runtime.engines.transformers, runtime.config, runtime.lmi, runtime.metrics;"
-        "import runtime.compile_cache, runtime.warmup;"
+        "import runtime.engines.vllm, runtime.engines.transformers, runtime.config, runtime.api.lmi, runtime.metrics;"
+        "import runtime.engines.vllm.compile_cache, runtime.engines.vllm.warmup, runtime.warmup, runtime.settings;"
+        "import runtime.engines.vllm.engine, runtime.engines.transformers.engine, runtime.api.openai;"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('build', 'quantize', 'compile', 'hydra', 'omegaconf')];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -68,6 +69,7 @@ def test_target_mismatch_names_the_field(kw: dict[str, object], host: Host, fiel
     assert str(err.value).startswith(f"target.{field}:")
 
 
+@pytest.mark.integration  # builds and pulls with the CLIs
 def test_resolve_tampered_directory_names_the_file(tiny_uri: str, tmp_path: Path) -> None:
     from tests.conftest import run_cli
 
@@ -81,6 +83,7 @@ def test_resolve_tampered_directory_names_the_file(tiny_uri: str, tmp_path: Path
         resolve(str(d))
 
 
+@pytest.mark.integration  # builds with the CLI
 def test_resolve_reuses_and_repairs_the_pull_cache(tiny_uri: str, kiln_env: Path) -> None:
     first = resolve(tiny_uri)
     assert first.path.is_relative_to(kiln_env / "pulled")
@@ -104,7 +107,7 @@ def test_prompt_logprobs_come_once_with_delta_outputs() -> None:
     """vLLM sends prompt logprobs in the first DELTA output and [] (not None) in the later ones."""
     from types import SimpleNamespace
 
-    from runtime.engines.vllm import _convert
+    from runtime.engines.vllm.engine import _convert
 
     seq = SimpleNamespace(index=0, text="a", token_ids=[5], logprobs=None, finish_reason=None, stop_reason=None)
     first = SimpleNamespace(
