@@ -60,6 +60,8 @@ class _OpenAISampling(BaseModel):
         default=None, description="vLLM's structured output constraint and options (json, regex, choice, grammar…)"
     )
     user: str | None = None
+    return_token_ids: bool = Field(default=False, description="vLLM: add prompt_token_ids and token_ids")
+    return_tokens_as_token_ids: bool = Field(default=False, description='vLLM: logprob tokens as "token_id:<id>"')
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -93,7 +95,11 @@ class ChatCompletionRequest(_OpenAISampling):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    echo: bool = Field(default=False, description="vLLM: the reply repeats a last assistant message first")
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
@@ -107,7 +113,10 @@ class ChatCompletionRequest(_OpenAISampling):
 
 class CompletionRequest(_OpenAISampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+    # vLLM's default; 0 (with echo) scores the prompt without generating
+    max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
 
@@ -158,6 +167,20 @@ class LmiParameters(BaseModel):
     ignore_eos_token: bool | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N, description="generate best_of (>= n), keep the likeliest")
+    # Accepted at the one value kiln supports (runtime/api/lmi.py refuses the others, naming them).
+    num_beams: int | None = Field(default=None, ge=1, description="1 only: beam search is not supported")
+    typical_p: float | None = Field(default=None, gt=0.0, le=1.0, description="1.0 only")
+    watermark: bool | None = Field(default=None, description="false only")
+    # Structured output (at most one constraint in all): vLLM's guided_* names, OpenAI's response_format, and
+    # vLLM's structured_outputs (a constraint plus options such as disable_any_whitespace).
+    guided_json: dict[str, Any] | str | None = Field(default=None, description="a JSON schema (object or string)")
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1)
+    guided_grammar: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    adapters: str | list[str] | None = Field(default=None, description="LoRA adapter name (also beside inputs)")
 
     def stop_strings(self) -> tuple[str, ...]:
         out: list[str] = []
@@ -173,6 +196,7 @@ class LmiRequest(BaseModel):
     inputs: str = Field(min_length=1)
     parameters: LmiParameters = Field(default_factory=LmiParameters)
     stream: bool = False
+    adapters: str | list[str] | None = Field(default=None, description='LoRA adapter name(s); "": the base model')
 
     @model_validator(mode="after")
     def _check(self) -> LmiRequest:

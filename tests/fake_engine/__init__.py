@@ -1,12 +1,15 @@
 """A fake engine for tests of kiln's own HTTP behaviour: registered like any engine (``engines.register("fake",
 "tests.fake_engine")``), served from a plain Hugging Face directory with ``--engine fake``.
 
-It is deterministic and fast: the tokens it generates are a function of the prompt, the sequence index, the
-position and (for sampled requests) the seed, decoded with the model's real tokenizer, so byte-level tokens that
-end inside a UTF-8 character produce empty text deltas as real engines do. Logprobs are deterministic too. Its
-timing and failures are controlled by engine arguments (``--option token_delay_s=0.05``, ``load_delay_s``) and, per
-request, by markers in the prompt text: ``[fail]`` fails the request after two tokens (the engine stays healthy),
-``[die]`` kills the engine after two tokens, ``[slow]`` waits 0.2 s per token.
+It is deterministic and fast: the tokens it generates are a function of the prompt, the sequence index, the position
+and (for sampled requests) the seed, decoded with the model's real tokenizer, so byte-level tokens that end inside a
+UTF-8 character produce empty text deltas as real engines do. Logprobs are deterministic too. Its timing and
+failures are controlled by engine arguments (``--option token_delay_s=0.05``, ``load_delay_s``) and, per request, by
+markers in the prompt text: ``[fail]`` fails the request after two tokens (the engine stays healthy), ``[die]``
+kills the engine after two tokens, ``[slow]`` waits 0.2 s per token, ``[utf8]`` generates the byte tokens of multi-
+byte characters (deltas that end inside a character are empty), ``[masked]`` makes the logprob alternatives after
+the first -inf (the third NaN) and the prompt logprobs -inf, as a grammar-masked token or an underflowing logit
+gives them. ``FakeEngine.last_spec`` is the SamplingSpec of the latest request.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from runtime.engines.base import (
@@ -38,6 +39,7 @@ class FakeEngine:
         self.running: set[str] = set()
         self.aborted: set[str] = set()
         self.requests = 0  # every request the engine saw (tests count them)
+        self.last_spec: SamplingSpec | None = None  # the spec of the latest request (tests look at what arrived)
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -54,6 +56,10 @@ class FakeEngine:
             raise EngineRequestError("n > 1 needs sampling (temperature > 0)", param="n")
 
     def _ids(self, prompt_ids: list[int], spec: SamplingSpec, index: int) -> list[int]:
+        if "[utf8]" in self.tokenizer.decode(prompt_ids):
+            # Byte tokens of multi-byte characters: the first bytes of each end inside a character (empty deltas).
+            cycle = self.tokenizer("☃ é ☃", add_special_tokens=False)["input_ids"]
+            return [cycle[i % len(cycle)] for i in range(spec.max_tokens)]
         span = max(self.vocab - FIRST_ID, 1)
         if spec.temperature > 0 and spec.seed is None:
             rng = random.Random()
@@ -66,10 +72,12 @@ class FakeEngine:
             raise EngineDeadError(self.dead)
         self.validate(spec)
         self.requests += 1
+        self.last_spec = spec
         self.running.add(request_id)
         prompt_text = self.tokenizer.decode(prompt_ids)
         delay = 0.2 if "[slow]" in prompt_text else self.token_delay
-        seqs = [_Seq(self, i, self._ids(prompt_ids, spec, i), spec) for i in range(spec.n)]
+        masked = "[masked]" in prompt_text
+        seqs = [_Seq(self, i, self._ids(prompt_ids, spec, i), spec, masked) for i in range(spec.n)]
         try:
             for step in range(spec.max_tokens):
                 await asyncio.sleep(delay)
@@ -83,7 +91,7 @@ class FakeEngine:
                     raise EngineDeadError(self.dead)
                 deltas = tuple(d for s in seqs if not s.done and (d := s.step(step)) is not None)
                 done = all(s.done for s in seqs)
-                prompt_lp = _prompt_logprobs(self, prompt_ids, spec) if step == 0 else None
+                prompt_lp = _prompt_logprobs(self, prompt_ids, spec, masked) if step == 0 else None
                 yield EngineOutput(deltas, len(prompt_ids), done, prompt_logprobs=prompt_lp)
                 if done:
                     return
@@ -108,18 +116,21 @@ class FakeEngine:
     def text(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def token(self, tid: int, position: int, k: int | None) -> TokenInfo:
-        """Deterministic logprobs: the chosen token, then ``k`` alternatives, each less likely."""
-        lp = -0.25 - 0.01 * (position % 7)
-        top = tuple((alt, self.text([alt]), lp - j) for j, alt in enumerate([tid, tid + 1, tid + 2][: k or 0]))
+    def token(self, tid: int, position: int, k: int | None, masked: bool = False) -> TokenInfo:
+        """Deterministic logprobs (depending on the position and the token): the chosen token, then ``k``
+        alternatives, each less likely; ``masked``: the alternatives after the first carry -inf (a grammar-masked
+        token, as vLLM reports one), the third NaN."""
+        lp = -0.25 - 0.01 * (position % 7) - 0.001 * (tid % 11)
+        alts = [tid, tid + 1, tid + 2][: k or 0]
+        top = tuple((alt, self.text([alt]), _masked(lp - j, j) if masked else lp - j) for j, alt in enumerate(alts))
         return TokenInfo(id=tid, text=self.text([tid]), logprob=lp if k is not None else None, top=top)
 
 
 class _Seq:
     """One of a request's ``n`` sequences: incremental decoding (nothing for a partial UTF-8 character), stops."""
 
-    def __init__(self, engine: FakeEngine, index: int, ids: list[int], spec: SamplingSpec) -> None:
-        self.engine, self.index, self.ids, self.spec = engine, index, ids, spec
+    def __init__(self, engine: FakeEngine, index: int, ids: list[int], spec: SamplingSpec, masked: bool) -> None:
+        self.engine, self.index, self.ids, self.spec, self.masked = engine, index, ids, spec, masked
         self.done = False
         self.sent = ""
 
@@ -127,7 +138,7 @@ class _Seq:
         tid = self.ids[i]
         decoded = self.engine.text(self.ids[: i + 1])
         full = decoded if not decoded.endswith("\ufffd") else self.sent
-        info = self.engine.token(tid, i, self.spec.logprobs)
+        info = self.engine.token(tid, i, self.spec.logprobs, self.masked)
         finish: str | None = None
         reason: str | int | None = None
         for stop in self.spec.stop:
@@ -149,9 +160,17 @@ class _Seq:
         return SeqDelta(self.index, "", (), "abort", None)
 
 
-def _prompt_logprobs(engine: FakeEngine, ids: list[int], spec: SamplingSpec) -> tuple[TokenInfo | None, ...] | None:
+def _masked(lp: float, j: int) -> float:
+    return lp if j == 0 else float("-inf") if j == 1 else float("nan")
+
+
+def _prompt_logprobs(
+    engine: FakeEngine, ids: list[int], spec: SamplingSpec, masked: bool = False
+) -> tuple[TokenInfo | None, ...] | None:
     if spec.prompt_logprobs is None:
         return None
-    # As vLLM: the first prompt token has no logprob (nothing precedes it).
+    # As vLLM: the first prompt token has no logprob (nothing precedes it). ``masked``: the prompt tokens' own
+    # logprobs are -inf (as a model whose logits underflow reports them).
     first = TokenInfo(id=ids[0], text="")
-    return (first, *(engine.token(t, p, spec.prompt_logprobs) for p, t in enumerate(ids[1:], 1)))
+    rest = (engine.token(t, p, spec.prompt_logprobs, masked) for p, t in enumerate(ids[1:], 1))
+    return (first, *(replace(t, logprob=float("-inf")) if masked else t for t in rest))
