@@ -160,6 +160,7 @@ async def load_service(startup: Startup, metrics: Metrics) -> ModelService:
         chat_template=startup.template,
         options=ServiceOptions(cfg.predict_timeout, cfg.output_formatter, cfg.tgi_compat),
         metrics=metrics,
+        root=str(model.path),
     )
 
 

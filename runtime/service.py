@@ -106,6 +106,7 @@ class ModelService:
         options: ServiceOptions,
         chat_template: str | None = None,
         metrics: Metrics | None = None,
+        root: str = "",
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -114,6 +115,7 @@ class ModelService:
         self.chat_template = chat_template
         self.options = options
         self.metrics = metrics
+        self.root = root or served_name  # where the model came from (OpenAI model cards' "root")
         self.created = int(time.time())
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
 
@@ -152,11 +154,20 @@ class ModelService:
         return ids
 
     def budget(self, prompt_ids: list[int], requested: int | None, param: str = "max_tokens") -> int:
-        """Check prompt + output against the context length; return the effective max_tokens."""
+        """Check the prompt and ``requested`` against the context length; return the effective max_tokens. As vLLM
+        does, a request for more than the room left after the prompt gets that room (the answer says "length"
+        when it is cut); only one that could never fit (more than the whole context) is refused."""
         limit = self.engine.max_model_len
         prompt_param = "messages" if param == "max_completion_tokens" else "prompt"
         if param.startswith("parameters."):
             prompt_param = "inputs"
+        if requested is not None and requested > limit:
+            raise APIError(
+                400,
+                f"{param}={requested} is more than this model's maximum context length ({limit} tokens). "
+                f"Request at most {limit - len(prompt_ids)} tokens.",
+                param=param,
+            )
         if len(prompt_ids) >= limit:
             raise APIError(
                 400,
@@ -165,17 +176,7 @@ class ModelService:
                 param=prompt_param,
             )
         room = limit - len(prompt_ids)
-        if requested is None:
-            return room
-        if requested > room:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{len(prompt_ids) + requested} tokens ({len(prompt_ids)} in the prompt, {requested} "
-                f"for the completion). Reduce the prompt or {param}.",
-                param=param,
-            )
-        return requested
+        return room if requested is None else min(requested, room)
 
     def validated(self, spec: SamplingSpec, names: Callable[[str], str] = str) -> SamplingSpec:
         """Let the engine refuse what it cannot do; ``names`` maps engine parameter names to the API's fields."""

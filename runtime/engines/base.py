@@ -75,7 +75,9 @@ class TokenInfo:
     id: int
     text: str
     logprob: float | None = None
-    top: tuple[tuple[int, str, float], ...] = ()  # (id, text, logprob) of the most likely alternatives
+    # (id, text, logprob) of the most likely alternatives, likeliest first: the j-th has rank j + 1.
+    top: tuple[tuple[int, str, float], ...] = ()
+    rank: int | None = None  # this token's rank among all (1: the likeliest), where the engine reports it
 
 
 @dataclass(frozen=True)

@@ -269,4 +269,5 @@ def _token(tid: int, lp: Any, k: int) -> TokenInfo:
         text=(chosen.decoded_token or "") if chosen else "",
         logprob=float(chosen.logprob) if chosen else None,
         top=top,
+        rank=int(chosen.rank) if chosen and chosen.rank is not None else None,
     )
