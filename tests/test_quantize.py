@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import openai
 import pytest
 
 from runtime.host import detect
-from tests.conftest import build, run_cli, start_server
+from tests.conftest import Server, build, run_cli, start_server, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -302,33 +303,45 @@ SERVED_HERE = ["smoothquant", "fp8"] + (["gptq", "awq"] if AVX512 else [])
 REFUSED_HERE = ["fp8-static"] + ([] if AVX512 else ["gptq", "awq"])
 
 
+@pytest.fixture(scope="module")
+def served(trained: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    """Every quantized artifact vLLM runs here, served side by side: their start-ups overlap (minutes saved)."""
+    servers = {
+        n: start_server(quantized(n), tmp_path_factory.mktemp(n), "--enforce-eager", wait=False) for n in SERVED_HERE
+    }
+    try:
+        for server in servers.values():
+            wait_ready(server, 900)
+        yield servers
+    finally:
+        codes = {n: server.stop() for n, server in servers.items()}
+        assert codes == dict.fromkeys(servers, 0), {n: servers[n].logs()[-3000:] for n, c in codes.items() if c}
+
+
 @pytest.mark.parametrize("name", SERVED_HERE)
-def test_vllm_cpu_serves_the_quantized_artifact(trained: str, name: str, tmp_path: Path) -> None:
+def test_vllm_cpu_serves_the_quantized_artifact(served: dict[str, Server], name: str) -> None:
     from build.tiny.corpus import documents
 
-    server = start_server(quantized(name), tmp_path, "--enforce-eager")
-    try:
-        client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
-        r = client.chat.completions.create(
-            model="tiny-llama-trained",
-            messages=[{"role": "user", "content": "What color is the sky?"}],
-            max_tokens=12,
-            temperature=0,
-        )
-        assert r.choices[0].message.content
-        assert r.choices[0].finish_reason in ("stop", "length")
-        # The engine's own log-probabilities of unseen corpus text: a model computing with broken weights would
-        # be near-uniform over the 1024-token vocabulary (perplexity ~1000); the report's figure is ~6.
-        text = " ".join(documents(12, seed=0, split="heldout"))
-        body = {"inputs": text, "parameters": {"max_new_tokens": 1, "details": True, "decoder_input_details": True}}
-        resp = httpx.post(server.base + "/invocations", json=body, timeout=120)
-        assert resp.status_code == 200, resp.text
-        prefill = [t["log_prob"] for t in resp.json()["details"]["prefill"] if t and t["log_prob"] is not None]
-        assert len(prefill) > 100
-        served = math.exp(-sum(prefill) / len(prefill))
-        assert served < 2 * report(quantized(name))["fidelity"]["ppl_source"], served
-    finally:
-        assert server.stop() == 0, server.logs()[-3000:]
+    server = served[name]
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.create(
+        model="tiny-llama-trained",
+        messages=[{"role": "user", "content": "What color is the sky?"}],
+        max_tokens=12,
+        temperature=0,
+    )
+    assert r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    # The engine's own log-probabilities of unseen corpus text: a model computing with broken weights would
+    # be near-uniform over the 1024-token vocabulary (perplexity ~1000); the report's figure is ~6.
+    text = " ".join(documents(12, seed=0, split="heldout"))
+    body = {"inputs": text, "parameters": {"max_new_tokens": 1, "details": True, "decoder_input_details": True}}
+    resp = httpx.post(server.base + "/invocations", json=body, timeout=120)
+    assert resp.status_code == 200, resp.text
+    prefill = [t["log_prob"] for t in resp.json()["details"]["prefill"] if t and t["log_prob"] is not None]
+    assert len(prefill) > 100
+    ppl = math.exp(-sum(prefill) / len(prefill))
+    assert ppl < 2 * report(quantized(name))["fidelity"]["ppl_source"], ppl
 
 
 @pytest.mark.parametrize("name", REFUSED_HERE)
