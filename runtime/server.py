@@ -14,20 +14,22 @@ import gc
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime.api import lmi, openai
+from runtime.api import lmi, openai, tokenize
+from runtime.api.openapi import TOKENIZE_KEYS, body_doc, install_openapi, union_body
 from runtime.api.protocol import ChatCompletionRequest, CompletionRequest, LmiRequest
+from runtime.api.responses import not_served
 from runtime.engines.base import EngineDeadError, EngineStats
 from runtime.errors import APIError
 from runtime.metrics import CONTENT_TYPE, Metrics
@@ -37,11 +39,7 @@ log = logging.getLogger("kiln.runtime")
 HEALTH_INTERVAL_S = 2.0
 DEAD_GRACE_S = 2.0  # after an engine death, answer /ping 503 this long before exiting (probes see "unhealthy")
 SSE = "text/event-stream"
-SCHEMAS: dict[str, type[BaseModel]] = {
-    "ChatCompletionRequest": ChatCompletionRequest,
-    "CompletionRequest": CompletionRequest,
-    "LmiRequest": LmiRequest,
-}
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -58,20 +56,6 @@ class ServerState:
     service: ModelService | None = None
     error: str | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
-
-
-class ErrorBody(BaseModel):
-    """OpenAI-style error object (LMI routes answer ``{"error": message, "code": status}``)."""
-
-    error: dict[str, Any]
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody, "description": "invalid request; `param` names the field"},
-    404: {"model": ErrorBody, "description": "unknown model"},
-    408: {"model": ErrorBody, "description": "predict_timeout exceeded"},
-    503: {"model": ErrorBody, "description": "not ready, or job_queue_size requests already in flight"},
-}
 
 
 def create_app(
@@ -101,7 +85,8 @@ def create_app(
     app.state.kiln = state
     app.add_middleware(Admission, limit=opts.job_queue_size, metrics=metrics)
     _install_error_handlers(app)
-    _install_openapi(app)
+    # The responses, both error shapes and the model-dependent limits are declared there (runtime/api/openapi.py).
+    install_openapi(app, lambda: state.service if state.status == "ready" else None)
 
     def service() -> ModelService:
         if state.status != "ready" or state.service is None:
@@ -124,7 +109,7 @@ def create_app(
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models", responses={503: ERRORS[503]})
+    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         svc = service()
         return {
@@ -135,36 +120,37 @@ def create_app(
                     "object": "model",
                     "created": svc.created,
                     "owned_by": "kiln",
+                    "root": svc.root,  # clients (vllm bench serve) load the tokenizer from here
+                    "parent": None,
                     "max_model_len": svc.engine.max_model_len,
+                    "permission": [_permission(svc.created)],
                 }
             ],
         }
 
-    @app.post("/v1/chat/completions", response_model=None, responses=ERRORS)
-    async def chat(req: ChatCompletionRequest, request: Request) -> Any:
+    @app.post("/v1/chat/completions", response_model=None, openapi_extra=body_doc("ChatCompletionRequest"))
+    async def chat(request: Request) -> Any:
+        req = _parse(ChatCompletionRequest, await _json_body(request))
         svc = service()
         if req.stream:
             return EventStream(await openai.chat_stream(svc, req), media_type=SSE)
         return await _until_disconnect(request, openai.chat(svc, req))
 
-    @app.post("/v1/completions", response_model=None, responses=ERRORS)
-    async def completions(req: CompletionRequest, request: Request) -> Any:
+    @app.post("/v1/completions", response_model=None, openapi_extra=body_doc("CompletionRequest"))
+    async def completions(request: Request) -> Any:
+        req = _parse(CompletionRequest, await _json_body(request))
         svc = service()
         if req.stream:
             return EventStream(await openai.completion_stream(svc, req), media_type=SSE)
         return await _until_disconnect(request, openai.completion(svc, req))
 
-    invoke_doc = {"requestBody": _union_body()}
+    invoke_doc = {"requestBody": union_body()}
 
-    @app.post(
-        "/invocations", response_model=None, responses=ERRORS, openapi_extra=invoke_doc, summary="SageMaker: any schema"
-    )
+    @app.post("/invocations", response_model=None, openapi_extra=invoke_doc, summary="SageMaker: any schema")
     async def invocations(request: Request) -> Any:
         return await _invoke(service(), request)
 
-    @app.post(
-        "/predictions/{model_name}", response_model=None, responses=ERRORS, openapi_extra=invoke_doc, summary="LMI"
-    )
+    @app.post("/predictions/{model_name}", response_model=None, openapi_extra=invoke_doc, summary="LMI")
     async def predictions(model_name: str, request: Request) -> Any:
         svc = service()
         if model_name != svc.served_name:
@@ -175,7 +161,53 @@ def create_app(
             )
         return await _invoke(svc, request)
 
+    # -- vLLM's tokenizer routes (runtime/api/tokenize.py) --
+    @app.post(
+        "/tokenize",
+        response_model=None,
+        openapi_extra={"requestBody": union_body(TOKENIZE_KEYS)},
+        summary="vLLM: a prompt's (or chat messages') token ids",
+    )
+    async def tokenize_route(request: Request) -> dict[str, Any]:
+        body = await _json_body(request)
+        svc = service()
+        if isinstance(body, dict) and "messages" in body:
+            return tokenize.tokenize(svc, _parse(tokenize.TokenizeChatRequest, body))
+        return tokenize.tokenize(svc, _parse(tokenize.TokenizeCompletionRequest, body))
+
+    @app.post(
+        "/detokenize",
+        response_model=None,
+        openapi_extra=body_doc("DetokenizeRequest"),
+        summary="vLLM: token ids to text",
+    )
+    async def detokenize_route(request: Request) -> dict[str, Any]:
+        req = _parse(tokenize.DetokenizeRequest, await _json_body(request))
+        return tokenize.detokenize(service(), req)
+
+    @app.get("/tokenizer_info", response_model=None, summary="vLLM: the tokenizer's configuration")
+    async def tokenizer_info_route() -> dict[str, Any]:
+        return tokenize.tokenizer_info(service())
+
     return app
+
+
+def _permission(created: int) -> dict[str, Any]:
+    """vLLM's model permission object (OpenAI's legacy card field; some clients still read it)."""
+    return {
+        "id": f"modelperm-{created:x}",
+        "object": "model_permission",
+        "created": created,
+        "allow_create_engine": False,
+        "allow_sampling": True,
+        "allow_logprobs": True,
+        "allow_search_indices": False,
+        "allow_view": True,
+        "allow_fine_tuning": False,
+        "organization": "*",
+        "group": None,
+        "is_blocking": False,
+    }
 
 
 def _engine_stats(state: ServerState) -> EngineStats | None:
@@ -216,33 +248,56 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _invoke(svc: ModelService, request: Request) -> Any:
-    """SageMaker's single route: the body's shape picks the schema (chat, completion or LMI)."""
+async def _json_body(request: Request) -> Any:
     try:
-        body = json.loads(await request.body())
+        return json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}") from exc
+
+
+def _parse(model: type[M], body: Any) -> M:
+    """Validate a request body strictly, as OpenAI does: a JSON type other than the field's is refused (no 0 for
+    false, no "5" for 5), so the server accepts exactly what /openapi.json declares."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(_integral(body), strict=True)
+    except ValidationError as exc:
+        raise _validation_error(exc.errors()) from exc
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 16.0 is the integer 16 (JSON Schema agrees), 0.5 stays a float."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+async def _invoke(svc: ModelService, request: Request) -> Any:
+    """SageMaker's single route: the body's shape picks the schema (chat, completion or LMI)."""
+    body = await _json_body(request)
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     request.state.lmi = "inputs" in body and "messages" not in body and "prompt" not in body
-    try:
-        if "messages" in body:
-            chat_req = ChatCompletionRequest.model_validate(body)
-            if chat_req.stream:
-                return EventStream(await openai.chat_stream(svc, chat_req), media_type=SSE)
-            return await _until_disconnect(request, openai.chat(svc, chat_req))
-        if "prompt" in body:
-            cmpl_req = CompletionRequest.model_validate(body)
-            if cmpl_req.stream:
-                return EventStream(await openai.completion_stream(svc, cmpl_req), media_type=SSE)
-            return await _until_disconnect(request, openai.completion(svc, cmpl_req))
-        if "inputs" in body:
-            lmi_req = LmiRequest.model_validate(body)
-            if lmi_req.stream:
-                return EventStream(await lmi.stream(svc, lmi_req), media_type=lmi.stream_media_type(svc))
-            return await _until_disconnect(request, lmi.generate(svc, lmi_req))
-    except ValidationError as exc:
-        raise _validation_error(exc.errors()) from exc
+    if "messages" in body:
+        chat_req = _parse(ChatCompletionRequest, body)
+        if chat_req.stream:
+            return EventStream(await openai.chat_stream(svc, chat_req), media_type=SSE)
+        return await _until_disconnect(request, openai.chat(svc, chat_req))
+    if "prompt" in body:
+        cmpl_req = _parse(CompletionRequest, body)
+        if cmpl_req.stream:
+            return EventStream(await openai.completion_stream(svc, cmpl_req), media_type=SSE)
+        return await _until_disconnect(request, openai.completion(svc, cmpl_req))
+    if "inputs" in body:
+        lmi_req = _parse(LmiRequest, body)
+        if lmi_req.stream:
+            return EventStream(await lmi.stream(svc, lmi_req), media_type=lmi.stream_media_type(svc))
+        return await _until_disconnect(request, lmi.generate(svc, lmi_req))
     raise APIError(
         400,
         "cannot tell the request schema: expected 'messages' (OpenAI chat), 'prompt' (OpenAI "
@@ -260,9 +315,10 @@ def _validation_error(errors: Any) -> APIError:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    def render(request: Request, err: APIError) -> JSONResponse:
+    def render(request: Request, err: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
         lmi_route = getattr(request.state, "lmi", False)
-        return JSONResponse(err.lmi_body() if lmi_route else err.openai_body(), status_code=err.status)
+        body = err.lmi_body() if lmi_route else err.openai_body()
+        return JSONResponse(body, status_code=err.status, headers=dict(headers or {}))
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
@@ -274,14 +330,20 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc: Exception) -> Response:
-        return render(request, APIError(404, f"no route {request.method} {request.url.path}"))
+        path = request.url.path
+        return render(request, APIError(404, not_served(path) or f"no route {request.method} {path}"))
 
     @app.exception_handler(405)
     async def bad_method(request: Request, exc: Exception) -> Response:
         return render(
             request,
             APIError(405, f"{request.method} is not allowed on {request.url.path}", kind="MethodNotAllowedError"),
+            headers=getattr(exc, "headers", None),  # Starlette's: Allow, the path's methods (RFC 9110)
         )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return render(request, APIError(exc.status_code, str(exc.detail)), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> Response:
@@ -350,37 +412,6 @@ class Admission:
 
 async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
-
-
-# -- OpenAPI --------------------------------------------------------------------------------------------------------
-
-
-def _union_body() -> dict[str, Any]:
-    refs = [{"$ref": f"#/components/schemas/{name}"} for name in SCHEMAS]
-    return {"required": True, "content": {"application/json": {"schema": {"oneOf": refs}}}}
-
-
-def _install_openapi(app: FastAPI) -> None:
-    """FastAPI's document, plus the schemas /invocations accepts (it reads its body itself to pick one)."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            components = doc.setdefault("components", {}).setdefault("schemas", {})
-            # Invalid bodies are answered 400 with an error object naming the field, never FastAPI's 422.
-            for ops in doc.get("paths", {}).values():
-                for op in ops.values():
-                    op.get("responses", {}).pop("422", None)
-            for name in ("HTTPValidationError", "ValidationError"):
-                components.pop(name, None)
-            for name, model in SCHEMAS.items():
-                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(schema.pop("$defs", {}))
-                components.setdefault(name, schema)
-            app.openapi_schema = doc
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 # -- loading and health -----------------------------------------------------------------------------------------

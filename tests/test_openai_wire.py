@@ -261,3 +261,11 @@ def test_return_token_ids(server: FakeServer, tok: Any) -> None:
     )
     tokens = lp.json()["choices"][0]["logprobs"]["tokens"]
     assert all(t.startswith("token_id:") and t[9:].isdigit() for t in tokens)
+
+
+def test_stream_options_without_stream_are_refused_as_vllm_does(server: FakeServer) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 2, "stream_options": {"include_usage": True}}
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 400
+    assert "stream_options" in r.json()["error"]["message"]
+    assert post(server, "/v1/completions", {**body, "stream_options": {}}).status_code == 200

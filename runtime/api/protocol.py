@@ -63,6 +63,12 @@ class _OpenAISampling(BaseModel):
     return_token_ids: bool = Field(default=False, description="vLLM: add prompt_token_ids and token_ids")
     return_tokens_as_token_ids: bool = Field(default=False, description='vLLM: logprob tokens as "token_id:<id>"')
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _OpenAISampling:
+        if self.stream_options is not None and self.stream_options.model_fields_set and not self.stream:
+            raise ValueError("stream_options can only be set when stream=true")  # as vLLM refuses it
+        return self
+
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
