@@ -107,6 +107,7 @@ class ModelService:
         chat_template: str | None = None,
         metrics: Metrics | None = None,
         root: str = "",
+        vocab_size: int | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -116,6 +117,8 @@ class ModelService:
         self.options = options
         self.metrics = metrics
         self.root = root or served_name  # where the model came from (OpenAI model cards' "root")
+        # Prompt token ids go up to the model's vocabulary (config.json), which may be larger than the tokenizer's.
+        self.vocab_size = max(vocab_size or 0, len(tokenizer))
         self.created = int(time.time())
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
 
@@ -129,6 +132,9 @@ class ModelService:
     def render_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **template_kwargs: Any
     ) -> list[int]:
+        template = self.chat_template or getattr(self.tokenizer, "chat_template", None) or ""
+        if any(m.get("role") == "developer" for m in messages) and "developer" not in str(template):
+            messages = _developer_as_system(messages)
         try:
             text = self.tokenizer.apply_chat_template(
                 messages,
@@ -145,7 +151,7 @@ class ModelService:
         if isinstance(prompt, str):
             ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
         else:
-            vocab = len(self.tokenizer)
+            vocab = self.vocab_size
             if any(t < 0 or t >= max(vocab, 1) for t in prompt):
                 raise APIError(400, f"token ids must be in [0, {vocab})", param=param)
             ids = list(prompt)
@@ -245,3 +251,14 @@ class ModelService:
         async for out in self.stream(prompt_ids, spec, arrived):
             gen.add(out)
         return gen
+
+
+def _developer_as_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI's ``developer`` role for a chat template that does not know it: a system message, all system messages
+    merged into one at the start (templates often accept a system message only there), as vLLM renders it."""
+    system = [m for m in messages if m.get("role") in ("system", "developer")]
+    rest = [m for m in messages if m.get("role") not in ("system", "developer")]
+    texts = [str(m.get("content") or "") for m in system]
+    if len(system) == 1 and messages[0] is system[0]:
+        return [{**system[0], "role": "system"}, *rest]
+    return [{"role": "system", "content": "\n\n".join(t for t in texts if t)}, *rest]

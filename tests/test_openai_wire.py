@@ -269,3 +269,61 @@ def test_stream_options_without_stream_are_refused_as_vllm_does(server: FakeServ
     assert r.status_code == 400
     assert "stream_options" in r.json()["error"]["message"]
     assert post(server, "/v1/completions", {**body, "stream_options": {}}).status_code == 200
+
+
+# -- found by tests/test_differential.py against vLLM ---------------------------------------------------------------
+def usage(srv: FakeServer, body: dict[str, Any], path: str = "/v1/chat/completions") -> dict[str, Any]:
+    r = post(srv, path, {"max_tokens": 1, **body})
+    assert r.status_code == 200, r.text
+    return dict(r.json()["usage"])
+
+
+def test_chat_renders_messages_as_vllm_does(server: FakeServer) -> None:
+    parts = [{"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}]
+    joined = [{"role": "user", "content": "one\ntwo"}]  # vLLM joins text parts with a newline
+    assert usage(server, {"messages": parts})["prompt_tokens"] == usage(server, {"messages": joined})["prompt_tokens"]
+    # This template knows no "developer" role: vLLM renders it as the system message.
+    dev = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert usage(server, {"messages": dev})["prompt_tokens"] == usage(server, {"messages": system})["prompt_tokens"]
+    assert post(server, "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}).status_code == 200
+
+
+def test_reply_role_is_the_last_messages_without_a_generation_prompt(server: FakeServer) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "add_generation_prompt": False}
+    assert post(server, "/v1/chat/completions", body).json()["choices"][0]["message"]["role"] == "user"
+    first = events(server, "/v1/chat/completions", body)[0][1]
+    assert first["choices"][0]["delta"]["role"] == "user"
+
+
+def test_prompt_token_ids_go_up_to_the_models_vocabulary(server: FakeServer, tiny_dir: Path, tok: Any) -> None:
+    vocab = json.loads((tiny_dir / "config.json").read_text())["vocab_size"]
+    assert vocab > len(tok)  # ids the tokenizer has no text for are still the model's
+    ok = post(server, "/v1/completions", {"prompt": [0, len(tok), vocab - 1], "max_tokens": 1})
+    assert ok.status_code == 200, ok.text
+    assert post(server, "/v1/completions", {"prompt": [vocab], "max_tokens": 1}).status_code == 400
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(server: FakeServer, tok: Any) -> None:
+    ids = tok(PROMPT)["input_ids"]
+    r = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 1, "truncate_prompt_tokens": 3, "echo": True})
+    assert r.json()["usage"]["prompt_tokens"] == 3
+    assert r.json()["choices"][0]["text"].startswith(tok.decode(ids[-3:]))
+
+
+def test_chat_prompt_logprobs_and_refused_beam_search(server: FakeServer) -> None:
+    body = {"messages": CHAT, "max_tokens": 1, "prompt_logprobs": 1}
+    lps = post(server, "/v1/chat/completions", body).json()["prompt_logprobs"]
+    assert lps[0] is None
+    assert all(isinstance(e, dict) and e for e in lps[1:])
+    beam = post(server, "/v1/completions", {"prompt": PROMPT, "use_beam_search": True})
+    assert beam.status_code == 400
+    assert beam.json()["error"]["param"] == "use_beam_search"
+
+
+def test_echo_stream_sends_the_prompt_ids_once(server: FakeServer, tok: Any) -> None:
+    chunks = [
+        c["choices"][0] for _, c in events(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 3, "echo": True})
+    ]
+    assert chunks[0]["prompt_token_ids"] == tok(PROMPT)["input_ids"]
+    assert all(c.get("prompt_token_ids") is None for c in chunks[1:])

@@ -46,6 +46,10 @@ def openai_spec(
     d = svc.defaults
     structured = _structured(req)
     extra: dict[str, Any] = {}
+    if req.allowed_token_ids is not None:
+        extra["allowed_token_ids"] = list(req.allowed_token_ids)
+    if req.bad_words:
+        extra["bad_words"] = list(req.bad_words)
     if req.logit_bias:
         try:
             extra["logit_bias"] = {int(k): float(v) for k, v in req.logit_bias.items()}
@@ -113,16 +117,27 @@ def prepare_chat(svc: ModelService, req: ChatCompletionRequest) -> tuple[list[in
         template_kwargs["continue_final_message"] = True
     if req.tools:
         template_kwargs.setdefault("tools", req.tools)
-    ids = svc.render_chat(
-        [m.model_dump(exclude_none=True) | {"content": m.text()} for m in req.messages],
-        req.add_generation_prompt,
-        **template_kwargs,
+    ids = _truncated(
+        svc.render_chat(
+            [m.model_dump(exclude_none=True) | {"content": m.text()} for m in req.messages],
+            req.add_generation_prompt,
+            **template_kwargs,
+        ),
+        svc,
+        req.truncate_prompt_tokens,
     )
     max_tokens = svc.budget(
         ids, req.token_budget(), "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     )
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return ids, openai_spec(svc, req, max_tokens, logprobs, chat=True)
+    prompt_lp = req.prompt_logprobs if req.prompt_logprobs is not None else (req.top_logprobs if req.echo else None)
+    return ids, openai_spec(svc, req, max_tokens, logprobs, chat=True, prompt_logprobs=prompt_lp)
+
+
+def _role(req: ChatCompletionRequest) -> str:
+    """The reply's role: the assistant's, or, continuing a conversation without a generation prompt, the last
+    message's (as vLLM answers)."""
+    return "assistant" if req.add_generation_prompt else req.messages[-1].role
 
 
 def _check_tools(req: ChatCompletionRequest) -> None:
@@ -152,7 +167,7 @@ async def chat(svc: ModelService, req: ChatCompletionRequest) -> dict[str, Any]:
     for i in range(spec.n):
         choice: dict[str, Any] = {
             "index": i,
-            "message": {"role": "assistant", "content": prefix + gen.texts[i]},
+            "message": {"role": _role(req), "content": prefix + gen.texts[i]},
             "logprobs": {"content": [_chat_lp(svc, t, k, as_ids) for t in gen.tokens[i]]} if req.logprobs else None,
             "finish_reason": _openai_finish(gen.finish[i]),
             "stop_reason": gen.stop_reason[i],
@@ -170,11 +185,15 @@ async def chat(svc: ModelService, req: ChatCompletionRequest) -> dict[str, Any]:
     }
     if req.return_token_ids:
         body["prompt_token_ids"] = ids
+    if spec.prompt_logprobs is not None:
+        body["prompt_logprobs"] = _prompt_lp_field(spec, gen.prompt_logprobs)
     return body
 
 
 async def chat_stream(svc: ModelService, req: ChatCompletionRequest) -> AsyncIterator[str]:
     arrived = time.perf_counter()
+    if req.prompt_logprobs:
+        raise APIError(400, "prompt_logprobs are not available when stream=true", param="prompt_logprobs")
     ids, spec = prepare_chat(svc, req)
     return _guarded_stream(_chat_events(svc, ids, spec, req, arrived))
 
@@ -201,7 +220,7 @@ async def _chat_events(
             # from the first chunk.
             first = False
             for i in range(spec.n):
-                role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+                role = {"index": i, "delta": {"role": _role(req), "content": ""}, "logprobs": None}
                 yield _chunk(head, [{**role, "finish_reason": None}], usage(0))
             if prefix := _echoed(req):
                 for i in range(spec.n):
@@ -250,11 +269,12 @@ def prepare_completion(svc: ModelService, req: CompletionRequest) -> list[Job]:
     prompt_lp = req.prompt_logprobs if req.prompt_logprobs is not None else (req.logprobs if req.echo else None)
     jobs = []
     for prompt in req.prompts():
-        ids = svc.encode(prompt)
+        ids = _truncated(svc.encode(prompt), svc, req.truncate_prompt_tokens)
         # The engine generates one token for a prompt-only request (it cannot generate none); it is not shown.
         max_tokens = svc.budget(ids, 1 if echo_only else req.max_tokens)
         spec = openai_spec(svc, req, max_tokens, req.logprobs, prompt_logprobs=prompt_lp)
-        text = prompt if isinstance(prompt, str) else svc.tokenizer.decode(ids)
+        whole = isinstance(prompt, str) and req.truncate_prompt_tokens is None
+        text = prompt if whole and isinstance(prompt, str) else svc.tokenizer.decode(ids)
         jobs.append(Job(text, ids, spec, echo_only))
     return jobs
 
@@ -278,7 +298,7 @@ async def completion(svc: ModelService, req: CompletionRequest) -> dict[str, Any
                 "logprobs": _completion_lp(svc, tokens, 0, req) if req.logprobs is not None else None,
                 "finish_reason": _openai_finish(gen.finish[i]),
                 "stop_reason": gen.stop_reason[i],
-                "prompt_logprobs": _prompt_lp_field(svc, job, gen.prompt_logprobs),
+                "prompt_logprobs": _prompt_lp_field(job.spec, gen.prompt_logprobs),
             }
             if req.return_token_ids:
                 choice["prompt_token_ids"] = job.ids
@@ -336,14 +356,29 @@ async def _completion_events(
                     offsets[i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
             sent[i] += len(d.tokens)
             choice |= {"finish_reason": _openai_finish(d.finish_reason), "stop_reason": d.stop_reason}
-            if req.return_token_ids:
+            if req.return_token_ids or (req.echo and not ids_sent[i]):  # vLLM: the echo chunk carries the prompt ids
                 choice["prompt_token_ids"] = None if ids_sent[i] else job.ids
-                choice["token_ids"] = [t.id for t in d.tokens]
                 ids_sent[i] = True
+            if req.return_token_ids:
+                choice["token_ids"] = [t.id for t in d.tokens]
             usage = _usage(len(job.ids), sent[i]) if continuous else None
             yield _chunk(head, [choice], usage)
     if include_usage:
         yield _chunk(head, [], _usage(sum(len(job.ids) for job in jobs), sum(sent)))
+
+
+def _truncated(ids: list[int], svc: ModelService, keep: int | None) -> list[int]:
+    """``truncate_prompt_tokens``: keep the prompt's last ``keep`` tokens."""
+    if keep is None:
+        return ids
+    limit = svc.engine.max_model_len - 1  # one token of room for the output
+    if keep > limit:
+        raise APIError(
+            400,
+            f"truncate_prompt_tokens={keep} is more than the model's context allows ({limit})",
+            param="truncate_prompt_tokens",
+        )
+    return ids[-keep:]
 
 
 def _prompt_tokens(job: Job, logprobs: Sequence[TokenInfo | None] | None) -> list[TokenInfo]:
@@ -354,11 +389,11 @@ def _prompt_tokens(job: Job, logprobs: Sequence[TokenInfo | None] | None) -> lis
 
 
 def _prompt_lp_field(
-    svc: ModelService, job: Job, logprobs: Sequence[TokenInfo | None] | None
+    spec: SamplingSpec, logprobs: Sequence[TokenInfo | None] | None
 ) -> list[dict[str, Any] | None] | None:
     """vLLM's ``prompt_logprobs``: per prompt token, None for the first, else {token id: {logprob, rank,
     decoded_token}} for the token itself and the top alternatives."""
-    if job.spec.prompt_logprobs is None or logprobs is None:
+    if spec.prompt_logprobs is None or logprobs is None:
         return None
     out: list[dict[str, Any] | None] = []
     for info in logprobs:

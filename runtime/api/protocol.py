@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -61,7 +61,18 @@ class _OpenAISampling(BaseModel):
     )
     user: str | None = None
     return_token_ids: bool = Field(default=False, description="vLLM: add prompt_token_ids and token_ids")
+    allowed_token_ids: list[int] | None = Field(default=None, description="vLLM: generate only these token ids")
+    bad_words: list[str] | None = Field(default=None, description="vLLM: words never generated")
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1, description="vLLM: keep the prompt's last N tokens")
+    use_beam_search: bool = Field(default=False, description="vLLM's beam search: not supported (true is refused)")
     return_tokens_as_token_ids: bool = Field(default=False, description='vLLM: logprob tokens as "token_id:<id>"')
+
+    @field_validator("use_beam_search")
+    @classmethod
+    def _no_beam_search(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("beam search is not supported; leave use_beam_search out")
+        return value
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _OpenAISampling:
@@ -83,7 +94,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: str = Field(description="system, developer, user, assistant, tool, or any role the chat template knows")
     content: str | list[TextPart] | None = None
     name: str | None = None
 
@@ -92,7 +103,7 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "\n".join(p.text for p in self.content)  # as vLLM joins text parts
 
 
 class ChatCompletionRequest(_OpenAISampling):
@@ -100,6 +111,7 @@ class ChatCompletionRequest(_OpenAISampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     echo: bool = Field(default=False, description="vLLM: the reply repeats a last assistant message first")

@@ -22,7 +22,7 @@ from runtime.engines.base import (
 )
 
 FIRST_ID = 300  # generated ids stay clear of the special and single-byte tokens at the start of the vocabulary
-KNOWN_EXTRA = {"logit_bias"}
+KNOWN_EXTRA = {"logit_bias", "allowed_token_ids", "bad_words"}
 
 
 class FakeEngine:
