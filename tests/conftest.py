@@ -3,6 +3,7 @@ CLIs in subprocesses and to start a real server on a free loopback port."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -239,3 +240,103 @@ def start_fake_process(model_dir: Path, tmp: Path, *extra: str, env: dict[str, s
     server = Server(proc, f"http://127.0.0.1:{port}", log, [])
     wait_ready(server, 120)
     return server
+
+
+# -- kiln beside bare vLLM on the same weights (the differential and real-client tests) -------------------------------
+
+
+@dataclass
+class VllmPair:
+    """``python -m runtime serve`` (vLLM engine, ``option.tgi_compat=true``) and vLLM's own OpenAI server, serving
+    the same weights under the same name with the engine settings kiln derives."""
+
+    kiln: Server
+    vllm: Server
+    model: str  # the served model name, on both
+    model_dir: Path  # the weights (and tokenizer) both serve
+    engine_args: dict[str, Any]  # what kiln derived (``runtime config --json``); vLLM got the same as flags
+
+
+# kiln's engine arguments that are not vLLM server flags (the model is passed separately; logging is not behaviour)
+_NOT_FLAGS = {"model", "tokenizer", "disable_log_stats", "enable_log_requests"}
+
+
+def vllm_flags(engine_args: dict[str, Any]) -> list[str]:
+    """vLLM server flags for kiln's derived engine arguments (``max_num_seqs`` -> ``--max-num-seqs 256`` ...)."""
+    out: list[str] = []
+    for key, value in engine_args.items():
+        if key in _NOT_FLAGS or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, dict):
+            out += [flag, json.dumps(value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def start_vllm(model_dir: Path, name: str, tmp: Path, *flags: str, env: dict[str, str] | None = None) -> Server:
+    """Bare ``python -m vllm.entrypoints.openai.api_server`` on a free port, not waited for (``wait_ready``: it has
+    ``/ping`` too). Its own process group, so stopping it stops its engine core and worker as well."""
+    port = free_port()
+    log = tmp / f"vllm-{port}.log"
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--uvicorn-log-level", "warning",
+        *flags,
+    ]  # fmt: skip
+    base_env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **base_env, **(env or {})},
+            start_new_session=True,
+        )
+    return Server(proc, f"http://127.0.0.1:{port}", log, [])
+
+
+def _stop_group(server: Server, timeout: float = 60) -> None:
+    """SIGTERM to the server's process group; SIGKILL to what is left after ``timeout``."""
+    from contextlib import suppress
+
+    if server.proc.poll() is None:
+        with suppress(subprocess.TimeoutExpired):
+            server.stop(group=True, timeout=timeout)
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(server.proc.pid, signal.SIGKILL)  # stragglers of the group (engine processes), if any
+    server.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def vllm_pair(tiny_uri: str, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmPair]:
+    """kiln and bare vLLM 0.32 side by side on the tiny artifact's weights, started together, stopped at session end.
+
+    vLLM gets the engine arguments kiln derives for the artifact (``python -m runtime config --json``: dtype,
+    max_model_len, max_num_seqs, the CPU KV cache as ``kv_cache_memory_bytes`` ...) and the artifact's name as its
+    served model name. On CPU, vLLM pins its worker's OpenMP threads to one core (``auto``: the same core for every
+    server); the bare server is pinned to the other core so the two do not share one (same thread count, so the
+    same numerics). kiln runs with ``tgi_compat`` on, which changes only its LMI routes (TGI's forms)."""
+    tmp = tmp_path_factory.mktemp("vllm-pair")
+    cfg = run_cli("runtime", "config", "--json", tiny_uri)
+    assert cfg.returncode == 0, cfg.stderr
+    engine_args = json.loads(cfg.stdout)["engine_args"]
+    shown = run_cli("artifacts", "show", tiny_uri)
+    assert shown.returncode == 0, shown.stderr
+    name = json.loads(shown.stdout)["manifest"]["name"]
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    pin = {"VLLM_CPU_OMP_THREADS_BIND": str(cpus[-1])} if len(cpus) > 1 else {}
+    kiln = start_server(tiny_uri, tmp, "--option", "tgi_compat=true", wait=False)
+    vllm = start_vllm(tiny_dir, name, tmp, *vllm_flags(engine_args), env=pin)
+    try:
+        for server in (kiln, vllm):  # both load at once; wait for the slower
+            wait_ready(server, 900)
+        yield VllmPair(kiln, vllm, name, tiny_dir, engine_args)
+    finally:
+        for server in (kiln, vllm):
+            _stop_group(server)

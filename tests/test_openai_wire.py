@@ -306,9 +306,11 @@ def test_prompt_token_ids_go_up_to_the_models_vocabulary(server: FakeServer, tin
 
 def test_truncate_prompt_tokens_keeps_the_last_tokens(server: FakeServer, tok: Any) -> None:
     ids = tok(PROMPT)["input_ids"]
-    r = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 1, "truncate_prompt_tokens": 3, "echo": True})
+    body = {"prompt": PROMPT, "max_tokens": 1, "truncate_prompt_tokens": 3, "echo": True, "logprobs": 0}
+    r = post(server, "/v1/completions", body)
     assert r.json()["usage"]["prompt_tokens"] == 3
-    assert r.json()["choices"][0]["text"].startswith(tok.decode(ids[-3:]))
+    assert r.json()["choices"][0]["text"].startswith(PROMPT)  # echo repeats the prompt as sent, as vLLM does
+    assert r.json()["choices"][0]["logprobs"]["tokens"][:3] == [tok.decode([t]) for t in ids[-3:]]  # what was scored
 
 
 def test_chat_prompt_logprobs_and_refused_beam_search(server: FakeServer) -> None:

@@ -130,7 +130,10 @@ def prepare_chat(svc: ModelService, req: ChatCompletionRequest) -> tuple[list[in
         ids, req.token_budget(), "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     )
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    prompt_lp = req.prompt_logprobs if req.prompt_logprobs is not None else (req.top_logprobs if req.echo else None)
+    # vLLM scores an echoed prompt at top_logprobs (its default 0)
+    prompt_lp = (
+        req.prompt_logprobs if req.prompt_logprobs is not None else ((req.top_logprobs or 0) if req.echo else None)
+    )
     return ids, openai_spec(svc, req, max_tokens, logprobs, chat=True, prompt_logprobs=prompt_lp)
 
 
@@ -273,8 +276,8 @@ def prepare_completion(svc: ModelService, req: CompletionRequest) -> list[Job]:
         # The engine generates one token for a prompt-only request (it cannot generate none); it is not shown.
         max_tokens = svc.budget(ids, 1 if echo_only else req.max_tokens)
         spec = openai_spec(svc, req, max_tokens, req.logprobs, prompt_logprobs=prompt_lp)
-        whole = isinstance(prompt, str) and req.truncate_prompt_tokens is None
-        text = prompt if whole and isinstance(prompt, str) else svc.tokenizer.decode(ids)
+        # echo repeats a text prompt as sent, truncated or not (as vLLM does), token ids as decoded
+        text = prompt if isinstance(prompt, str) else svc.tokenizer.decode(ids)
         jobs.append(Job(text, ids, spec, echo_only))
     return jobs
 
