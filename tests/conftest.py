@@ -247,8 +247,8 @@ def start_fake_process(model_dir: Path, tmp: Path, *extra: str, env: dict[str, s
 
 @dataclass
 class VllmPair:
-    """``python -m runtime serve`` (vLLM engine, ``option.tgi_compat=true``) and vLLM's own OpenAI server, serving
-    the same weights under the same name with the engine settings kiln derives."""
+    """``python -m runtime serve`` (vLLM engine) and vLLM's own OpenAI server, serving the same weights under the
+    same name with the engine settings kiln derives. tests/test_serve.py's vLLM tests use this kiln server too."""
 
     kiln: Server
     vllm: Server
@@ -257,6 +257,8 @@ class VllmPair:
     engine_args: dict[str, Any]  # what kiln derived (``runtime config --json``); vLLM got the same as flags
 
 
+# An engine-native key passed through to both (vLLM's structured_outputs_config): compact JSON under structured output.
+STRUCTURED = '{"backend": "xgrammar", "disable_any_whitespace": true}'
 # kiln's engine arguments that are not vLLM server flags (the model is passed separately; logging is not behaviour)
 _NOT_FLAGS = {"model", "tokenizer", "disable_log_stats", "enable_log_requests"}
 
@@ -321,7 +323,7 @@ def vllm_pair(tiny_uri: str, tiny_dir: Path, tmp_path_factory: pytest.TempPathFa
     max_model_len, max_num_seqs, the CPU KV cache as ``kv_cache_memory_bytes`` ...) and the artifact's name as its
     served model name. On CPU, vLLM pins its worker's OpenMP threads to one core (``auto``: the same core for every
     server); the bare server is pinned to the other core so the two do not share one (same thread count, so the
-    same numerics). kiln runs with ``tgi_compat`` on, which changes only its LMI routes (TGI's forms)."""
+    same numerics). Both get the same structured-output configuration (an engine-native key for kiln)."""
     tmp = tmp_path_factory.mktemp("vllm-pair")
     cfg = run_cli("runtime", "config", "--json", tiny_uri)
     assert cfg.returncode == 0, cfg.stderr
@@ -331,12 +333,31 @@ def vllm_pair(tiny_uri: str, tiny_dir: Path, tmp_path_factory: pytest.TempPathFa
     name = json.loads(shown.stdout)["manifest"]["name"]
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     pin = {"VLLM_CPU_OMP_THREADS_BIND": str(cpus[-1])} if len(cpus) > 1 else {}
-    kiln = start_server(tiny_uri, tmp, "--option", "tgi_compat=true", wait=False)
-    vllm = start_vllm(tiny_dir, name, tmp, *vllm_flags(engine_args), env=pin)
+    kiln = start_server(tiny_uri, tmp, "--option", f"structured_outputs_config={STRUCTURED}", wait=False)
+    vllm = start_vllm(tiny_dir, name, tmp, *vllm_flags(engine_args), "--structured-outputs-config", STRUCTURED, env=pin)
     try:
         for server in (kiln, vllm):  # both load at once; wait for the slower
             wait_ready(server, 900)
         yield VllmPair(kiln, vllm, name, tiny_dir, engine_args)
     finally:
-        for server in (kiln, vllm):
-            _stop_group(server)
+        try:
+            stop_cleanly(kiln)
+        finally:
+            _stop_group(kiln)
+            _stop_group(vllm)
+
+
+def stop_cleanly(srv: Server) -> None:
+    """SIGTERM to the whole process group, as a container stop or ^C sends it: exit 0, nothing left running, and
+    nothing but kiln's own lines in the server's output (engine output goes to the engine log)."""
+    import psutil
+
+    engine_processes = psutil.Process(srv.proc.pid).children(recursive=True)
+    assert srv.stop(group=True) == 0, srv.logs()[-3000:]
+    time.sleep(0.5)  # the resource tracker leaves once its parent is gone
+    alive = [p for p in engine_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [p.cmdline() for p in alive]
+    out = srv.logs()
+    for noise in ("Traceback", "Exception ignored", "nanobind"):
+        assert noise not in out, out[-3000:]
+    assert all("kiln" in line for line in out.splitlines()), out[-3000:]

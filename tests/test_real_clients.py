@@ -6,21 +6,22 @@
   tasks; the scores and every per-sample loglikelihood must equal vLLM's;
 * vLLM's own benchmark client (``vllm.benchmarks.serve``, what ``vllm bench serve`` runs), backends ``openai`` and
   ``openai-chat``, with ``--model`` and without (it then reads ``/v1/models`` and needs the card's ``root``);
-* huggingface_hub's ``InferenceClient.text_generation`` (TGI's protocol: kiln runs with ``option.tgi_compat=true``),
-  streaming and not, with details.
+* huggingface_hub's ``InferenceClient.text_generation`` (TGI's protocol: kiln with ``option.tgi_compat=true``, on
+  the fake engine), streaming and not, with details.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import VllmPair
+from tests.conftest import FakeServer, VllmPair, fake_server
 
 pytestmark = pytest.mark.integration
 
@@ -270,18 +271,25 @@ def kiln_invocations(base: str, **parameters: Any) -> dict[str, Any]:
     return body[0] if isinstance(body, list) else body  # tgi_compat: TGI's array form
 
 
+@pytest.fixture(scope="module")
+def tgi(tiny_dir: Path) -> Iterator[FakeServer]:
+    """kiln with ``option.tgi_compat=true``, on the fake engine: the TGI wire protocol is kiln's alone."""
+    with fake_server(tiny_dir, "tgi_compat=true") as srv:
+        yield srv
+
+
 @pytest.fixture
-def hf_client(vllm_pair: VllmPair, monkeypatch: pytest.MonkeyPatch) -> Any:
+def hf_client(tgi: FakeServer, monkeypatch: pytest.MonkeyPatch) -> Any:
     import huggingface_hub.constants
     from huggingface_hub import InferenceClient
 
     # HF_HUB_OFFLINE=1 (the suite's setting) makes huggingface_hub refuse every HTTP request, local URLs too.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    return InferenceClient(base_url=vllm_pair.kiln.base + "/invocations", timeout=60)
+    return InferenceClient(base_url=tgi.base + "/invocations", timeout=60)
 
 
-def test_hf_inference_client_text_generation(hf_client: Any, vllm_pair: VllmPair) -> None:
-    own = kiln_invocations(vllm_pair.kiln.base, max_new_tokens=8, do_sample=False, details=True)
+def test_hf_inference_client_text_generation(hf_client: Any, tgi: FakeServer) -> None:
+    own = kiln_invocations(tgi.base, max_new_tokens=8, do_sample=False, details=True)
     text = hf_client.text_generation(PROMPT, max_new_tokens=8, do_sample=False)
     assert text == own["generated_text"]
     out = hf_client.text_generation(PROMPT, max_new_tokens=8, do_sample=False, details=True)
@@ -293,8 +301,8 @@ def test_hf_inference_client_text_generation(hf_client: Any, vllm_pair: VllmPair
     assert all(t.logprob is not None and t.logprob <= 0 for t in out.details.tokens)
 
 
-def test_hf_inference_client_streaming(hf_client: Any, vllm_pair: VllmPair) -> None:
-    own = kiln_invocations(vllm_pair.kiln.base, max_new_tokens=8, do_sample=False)
+def test_hf_inference_client_streaming(hf_client: Any, tgi: FakeServer) -> None:
+    own = kiln_invocations(tgi.base, max_new_tokens=8, do_sample=False)
     pieces = list(hf_client.text_generation(PROMPT, max_new_tokens=8, do_sample=False, stream=True))
     assert "".join(pieces) == own["generated_text"]
     events = list(hf_client.text_generation(PROMPT, max_new_tokens=8, do_sample=False, stream=True, details=True))

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Server, build, run_cli, start_server
+from tests.conftest import Server, build, run_cli, start_server, stop_cleanly
 
 pytestmark = pytest.mark.integration
 CHAT = [{"role": "user", "content": "What color is the sky?"}]
@@ -37,31 +36,14 @@ class Live:
 
 @pytest.fixture(scope="module", params=["vllm", "transformers"])
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    engine = request.param
-    uri = request.getfixturevalue("tiny_uri" if engine == "vllm" else "tiny_hf_uri")
-    # An engine-native key passed through (vLLM's AsyncEngineArgs): compact JSON under structured output.
-    extra = (
-        ["--option", 'structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": true}']
-        if engine == "vllm"
-        else []
-    )
-    srv = start_server(uri, tmp_path_factory.mktemp(f"serve-{engine}"), *extra)
-    yield Live(srv, engine, "tiny-llama" if engine == "vllm" else "tiny-llama-hf")
+    if request.param == "vllm":
+        # The differential tests' kiln (conftest.vllm_pair): one vLLM start-up less; it passes an engine-native key
+        # through (structured_outputs_config) and is stopped cleanly (conftest.stop_cleanly) at the session's end.
+        yield Live(request.getfixturevalue("vllm_pair").kiln, "vllm", "tiny-llama")
+        return
+    srv = start_server(request.getfixturevalue("tiny_hf_uri"), tmp_path_factory.mktemp("serve-transformers"))
+    yield Live(srv, "transformers", "tiny-llama-hf")
     stop_cleanly(srv)
-
-
-def stop_cleanly(srv: Server) -> None:
-    """SIGTERM to the whole process group, as a container stop or ^C sends it: exit 0, nothing left running, and
-    nothing but kiln's own lines in the server's output (engine output goes to the engine log)."""
-    engine_processes = psutil.Process(srv.proc.pid).children(recursive=True)
-    assert srv.stop(group=True) == 0, srv.logs()[-3000:]
-    time.sleep(0.5)  # the resource tracker leaves once its parent is gone
-    alive = [p for p in engine_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, [p.cmdline() for p in alive]
-    out = srv.logs()
-    for noise in ("Traceback", "Exception ignored", "nanobind"):
-        assert noise not in out, out[-3000:]
-    assert all("kiln" in line for line in out.splitlines()), out[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +319,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": CHAT, "n": 0}, 400, '"param":"n"'),
     ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 99}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "stream_options": "yes"}, 400, "stream_options"),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    ("/v1/chat/completions", {"messages": [{"role": 5, "content": "hi"}]}, 400, "role"),  # any role name, as vLLM
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": CHAT, "model": "gpt-9"}, 404, "gpt-9"),
     ("/v1/completions", {"prompt": "word " * 5000, "max_tokens": 1}, 400, "maximum context length"),
@@ -429,8 +411,12 @@ def test_client_disconnect_aborts_the_engine_request(server: Live) -> None:
                 assert [next(lines) for _ in range(3)]  # generating; leaving the block closes the connection
     wait_engine_idle(server.base)
     # A non-streaming request whose client gives up is aborted too.
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.base + "/v1/completions", json={**body, "stream": False}, timeout=1)
+    try:
+        # 0.3 s: a warm vLLM on the tiny model generates the 1900 tokens in about a second
+        r = httpx.post(server.base + "/v1/completions", json={**body, "stream": False}, timeout=0.3)
+        pytest.fail(f"answered within the client's 0.3 s: {r.status_code} {r.text[:300]}")
+    except httpx.ReadTimeout:
+        pass
     wait_engine_idle(server.base)
     if server.engine == "vllm":  # the engine itself stopped: it generated far fewer tokens than were asked for
         assert engine_tokens(server.base) - before < 0.5 * (streams + 1) * 1900
