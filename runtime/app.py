@@ -29,6 +29,7 @@ from runtime.config import (
     redirect,
     resolve_config,
 )
+from runtime.engines.base import model_config_int
 from runtime.host import Host, TargetMismatchError, detect
 from runtime.metrics import Metrics
 from runtime.resolve import ResolvedModel, resolve
@@ -161,16 +162,8 @@ async def load_service(startup: Startup, metrics: Metrics) -> ModelService:
         options=ServiceOptions(cfg.predict_timeout, cfg.output_formatter, cfg.tgi_compat),
         metrics=metrics,
         root=str(model.path),
-        vocab_size=_vocab_size(model.path),
+        vocab_size=model_config_int(model.path, "vocab_size"),
     )
-
-
-def _vocab_size(path: Path) -> int | None:
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-        return int(cfg.get("text_config", cfg)["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _generation_config(path: Path) -> dict[str, Any]:

@@ -25,6 +25,21 @@ from tests.s3_server import fault_proxy, moto_s3  # noqa: F401  (S3 fixtures: a 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+PAIR_MODULES = ("test_differential.py", "test_real_clients.py")
+
+
+def _uses_pair(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    on_vllm = callspec is not None and callspec.params.get("server") == "vllm" and item.path.name == "test_serve.py"
+    return item.path.name in PAIR_MODULES or on_vllm or "vllm_pair" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests on the vLLM pair (two vLLM servers, held for the session) run last, together: the pair starts
+    after every other vLLM server has stopped, and no other test shares the machine with its idle workers."""
+    items[:] = [i for i in items if not _uses_pair(i)] + [i for i in items if _uses_pair(i)]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def kiln_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Point every kiln cache and store at a temporary directory for the whole session."""
@@ -198,7 +213,8 @@ def fake_server(model_dir: Path, *options: str, env: dict[str, str] | None = Non
     from runtime import engines
     from runtime.app import configure, make_server
 
-    engines.register("fake", "tests.fake_engine")
+    added = "fake" not in engines.ENGINES
+    engines.register("fake", "tests.fake_engine")  # for this server's life: the registry tests see only kiln's
     port = free_port()
     flags = {"model": str(model_dir), "engine": "fake", "port": port, **cli}
     startup = configure(flags, list(options), {"HF_HUB_OFFLINE": "1", **(env or {})})
@@ -221,6 +237,8 @@ def fake_server(model_dir: Path, *options: str, env: dict[str, str] | None = Non
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        if added:
+            engines.ENGINES.pop("fake", None)
 
 
 def start_fake_process(model_dir: Path, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Server:

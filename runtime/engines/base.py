@@ -244,11 +244,16 @@ def kv_bytes_per_token(model_dir: Path, dtype: str) -> int | None:
     return 2 * layers * heads * head_dim * width
 
 
-def max_position_embeddings(model_dir: Path) -> int | None:
+def model_config_int(model_dir: Path, key: str) -> int | None:
+    """An integer of the checkpoint's ``config.json`` (its text model's, for multimodal configs); None if absent."""
     import json
 
     try:
         cfg = json.loads((model_dir / "config.json").read_text())
-        return int(cfg.get("text_config", cfg)["max_position_embeddings"])
+        return int(cfg.get("text_config", cfg)[key])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def max_position_embeddings(model_dir: Path) -> int | None:
+    return model_config_int(model_dir, "max_position_embeddings")
