@@ -67,8 +67,8 @@ def _local(path: Path) -> Source:
 
 
 def _s3(uri: str, allow_pickle: bool) -> Source:
-    """An HF checkpoint stored as a plain S3 prefix, mirrored into the cache (see :mod:`build.s3_source`)."""
-    from build.s3_source import fetch_prefix
+    """An HF checkpoint stored as a plain S3 prefix, mirrored into the cache (see :mod:`artifacts.s3_mirror`)."""
+    from artifacts.s3_mirror import fetch_prefix
 
     patterns = HUB_FILES + (["pytorch_model*.bin"] if allow_pickle else [])
     try:

@@ -1,4 +1,6 @@
-"""``model.source=s3://bucket/prefix/``: a Hugging Face checkpoint stored as a plain S3 prefix.
+"""A Hugging Face checkpoint stored as a plain S3 prefix (the build's ``model.source=s3://bucket/prefix/``), mirrored
+into the kiln cache. It lives in ``artifacts/`` so that the runtime can serve such a prefix too (LMI's
+``HF_MODEL_ID=s3://…/``) without importing the build.
 
 The prefix is mirrored into the kiln cache (``<cache>/sources/s3/<digest of the URI>/files``). Objects come down
 with parallel ranged GETs pinned to the ETag the listing gave (an object replaced mid-download fails), are
