@@ -30,7 +30,7 @@ from typing import Any
 
 from runtime.api.protocol import LmiParameters, LmiRequest
 from runtime.api.wire import wire_logprob
-from runtime.engines.base import SamplingSpec, SeqDelta, TokenInfo
+from runtime.engines.base import STRUCTURED_CONSTRAINTS, SamplingSpec, SeqDelta, TokenInfo
 from runtime.errors import APIError
 from runtime.service import Generation, ModelService
 
@@ -38,8 +38,7 @@ log = logging.getLogger("kiln.runtime")
 FINISH = {"length": "length", "stop": "eos_token", "abort": "error", "error": "error"}
 SSE = "text/event-stream"
 JSONLINES = "application/jsonlines"
-# vLLM's structured output parameters (StructuredOutputsParams): the constraints (one at most) and the options.
-STRUCTURED_CONSTRAINTS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+# vLLM's structured output options (StructuredOutputsParams), beside its constraints (STRUCTURED_CONSTRAINTS).
 STRUCTURED_OPTIONS = ("disable_any_whitespace", "disable_additional_properties", "whitespace_pattern")
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
@@ -154,16 +153,9 @@ def _structured(p: LmiParameters) -> tuple[dict[str, Any] | None, str | None]:
         if value is not None:
             param = f"parameters.{key}"
             found.append((param, {kind: _schema(value, param) if kind == "json" else value}))
-    fmt = p.response_format
-    if fmt is not None and fmt.type != "text":
-        if fmt.type == "json_object":
-            found.append(("parameters.response_format", {"json_object": True}))
-        elif fmt.json_schema is None or fmt.json_schema.schema_ is None:
-            raise APIError(
-                400, "parameters.response_format.json_schema.schema is required", param="parameters.response_format"
-            )
-        else:
-            found.append(("parameters.response_format", {"json": fmt.json_schema.schema_}))
+    fmt = p.response_format.constraint("parameters.response_format") if p.response_format else None
+    if fmt is not None:
+        found.append(("parameters.response_format", fmt))
     options: dict[str, Any] = {}
     so, given = "parameters.structured_outputs", p.structured_outputs
     if given is not None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from runtime.api.protocol import ChatCompletionRequest, CompletionRequest, _OpenAISampling
 from runtime.api.wire import wire_logprob
-from runtime.engines.base import EngineOutput, SamplingSpec, TokenInfo
+from runtime.engines.base import STRUCTURED_CONSTRAINTS, EngineOutput, SamplingSpec, TokenInfo
 from runtime.errors import APIError
 from runtime.service import ModelService
 
@@ -28,7 +28,6 @@ log = logging.getLogger("kiln.runtime")
 # Engine parameter names (SamplingSpec's, vLLM's) as the OpenAI APIs call them.
 OPENAI_NAMES = {"structured": "response_format", "max_tokens": "max_tokens"}
 OPENAI_CHAT_NAMES = {**OPENAI_NAMES, "logprobs": "top_logprobs"}
-STRUCTURED_CONSTRAINTS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 NO_TOOLS = (
     'tool calling is not enabled on this server (kiln does not parse tool calls yet); send tool_choice "none" '
     "to generate plain text with these tools in the prompt, or leave out `tools`"
@@ -85,18 +84,13 @@ def openai_spec(
 def _structured(req: _OpenAISampling) -> dict[str, Any] | None:
     """``response_format`` (OpenAI) and ``structured_outputs`` (vLLM's extension) as one constraint."""
     out = dict(req.structured_outputs or {})
-    fmt = req.response_format
-    if fmt is not None and fmt.type != "text":
+    constraint = req.response_format.constraint("response_format") if req.response_format else None
+    if constraint is not None:
         if any(k in out for k in STRUCTURED_CONSTRAINTS):
             raise APIError(
                 400, "use response_format or a structured_outputs constraint, not both", param="response_format"
             )
-        if fmt.type == "json_object":
-            out["json_object"] = True
-        elif fmt.json_schema is None or fmt.json_schema.schema_ is None:
-            raise APIError(400, "response_format.json_schema.schema is required", param="response_format")
-        else:
-            out["json"] = fmt.json_schema.schema_
+        out |= constraint
     return out or None
 
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from runtime.api import responses as r
 from runtime.api.protocol import ChatCompletionRequest, CompletionRequest, LmiRequest
 from runtime.api.tokenize import TOKENIZE_SCHEMAS, DetokenizeRequest
-from runtime.engines.base import EngineRequestError, SamplingSpec
+from runtime.engines.base import STRUCTURED_CONSTRAINTS, EngineRequestError, SamplingSpec
 from runtime.errors import APIError
 
 SSE = "text/event-stream"
@@ -59,7 +59,6 @@ RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
 # Which key picks which schema on /invocations (server._invoke) and /tokenize (tokenize.tokenize_request).
 INVOKE_KEYS = {"ChatCompletionRequest": "messages", "CompletionRequest": "prompt", "LmiRequest": "inputs"}
 TOKENIZE_KEYS = {"TokenizeChatRequest": "messages", "TokenizeCompletionRequest": "prompt"}
-STRUCTURED_CONSTRAINTS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 
 
 def _ref(name: str) -> dict[str, str]:

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from runtime.errors import APIError
+
 MAX_N = 16
 MAX_LOGPROBS = 20
 
@@ -30,6 +32,17 @@ class JsonSchemaSpec(BaseModel):
 class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaSpec | None = None
+
+    def constraint(self, param: str) -> dict[str, Any] | None:
+        """This format as a structured output constraint (SamplingSpec.structured); None for plain text.
+        ``param`` is where the request holds it (named in the error when the schema is missing)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise APIError(400, f"{param}.json_schema.schema is required", param=param)
+        return {"json": self.json_schema.schema_}
 
 
 class _OpenAISampling(BaseModel):

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 # free device memory as on a GPU: that would be most of the RAM).
 DEFAULT_CPU_KV_CACHE_GIB = 1.0
 GIB = 1 << 30
+# The constraints SamplingSpec.structured may hold (vLLM's StructuredOutputsParams; one at most per request).
+STRUCTURED_CONSTRAINTS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 
 
 class EngineError(Exception):
@@ -64,8 +66,8 @@ class SamplingSpec:
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    # Structured output, in vLLM's StructuredOutputsParams terms: one constraint ("json" schema, "json_object",
-    # "regex", "choice", "grammar") plus options such as "disable_any_whitespace". None: unconstrained.
+    # Structured output, in vLLM's StructuredOutputsParams terms: one of STRUCTURED_CONSTRAINTS ("json" schema,
+    # "json_object", "regex", …) plus options such as "disable_any_whitespace". None: unconstrained.
     structured: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # engine-specific pass-through
 
