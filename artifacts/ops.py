@@ -140,7 +140,7 @@ def publish(
         total = sum(e.size for e in missing)
         log.info("publish %s: %d blobs to upload (%d bytes)", manifest.name, len(missing), total)
         start = time.monotonic()
-        with byte_progress(total, f"publish {manifest.name}") as advance:
+        with byte_progress(total, f"publish {manifest.name}", log) as advance:
             list(pool.map(lambda e: store.put_blob(e.sha256, directory / e.path, e.size, advance), missing))
     ref = _finish(store, manifest, tags, record)
     _log_rate("published", ref, total, start)
@@ -157,7 +157,10 @@ def pull(ref: ArtifactRef, dest: Path) -> Manifest:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".pull-{manifest.name}-"))
     start = time.monotonic()
     try:
-        with byte_progress(manifest.total_size, f"pull {manifest.name}") as advance, ThreadPoolExecutor(JOBS) as pool:
+        with (
+            byte_progress(manifest.total_size, f"pull {manifest.name}", log) as advance,
+            ThreadPoolExecutor(JOBS) as pool,
+        ):
             list(pool.map(lambda e: _fetch(store, e, tmp, advance), manifest.files))
         (tmp / MANIFEST_NAME).write_bytes(manifest.to_bytes())
         os.rename(tmp, dest)
@@ -198,7 +201,7 @@ def copy(ref: ArtifactRef, dest_store_uri: str, tags: Iterable[str] = ()) -> Art
     with ThreadPoolExecutor(JOBS) as pool:
         missing = _missing_blobs(dest, manifest, pool)
         total = sum(e.size for e in missing)
-        with byte_progress(total, f"copy {manifest.name}") as advance:
+        with byte_progress(total, f"copy {manifest.name}", log) as advance:
             list(pool.map(lambda e: _stream(src, dest, e, advance), missing))
     out = _finish(dest, manifest, tags, None)
     _log_rate("copied", out, total, start)

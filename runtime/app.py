@@ -5,6 +5,7 @@ Everything engine-specific is reached through the engine's hooks (``plan.spec``)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -72,10 +73,13 @@ def configure(
         )
     props = properties_in(first_dir) if first_dir.is_dir() else []
     location = redirect(location, props)
-    model = resolve(location.target, revision=env.get("HF_MODEL_REVISION") or None)
+    env_entries, hints = read_env(env)
+    allow_pickle = _early_flag("allow_pickle", [*props, *env_entries, *cli_entries(cli, options)])
+    model = resolve(location.target, revision=env.get("HF_MODEL_REVISION") or None, allow_pickle=allow_pickle)
+    if prepare and model.weights is not None:
+        model.weights.start()  # the download overlaps the checks below and the engine's start-up (load_service)
     if not props and model.path != first_dir.resolve():
         props = properties_in(model.path)
-    env_entries, hints = read_env(env)
     sources = Sources(
         artifact=artifact_entries(model.manifest.serving if model.manifest else {}),
         properties=props,
@@ -103,6 +107,13 @@ def configure(
         raise ConfigError(problems)
     assert plan is not None
     return Startup(model, location, resolved, plan, template)
+
+
+def _early_flag(key: str, entries: list[Entry]) -> bool:
+    """A boolean the model's location needs before the configuration is resolved (entries lowest precedence
+    first); resolve_config validates the same entries again, and reports a bad value naming its source."""
+    values = [e.value for e in entries if e.key == key]
+    return bool(values) and str(values[-1]).strip().lower() in ("1", "true", "yes", "on")
 
 
 def _checked(check: Any, resolved: Resolved, problems: list[str]) -> Any:
@@ -150,6 +161,9 @@ async def load_service(startup: Startup, metrics: Metrics) -> ModelService:
 
     model, plan, cfg = startup.model, startup.plan, startup.resolved.config
     engine = plan.spec.create(plan.settings)
+    if model.weights is not None:  # import the engine's libraries while the weights finish downloading
+        log.info("importing the %s engine while the weights download", plan.spec.name)
+        await asyncio.gather(asyncio.to_thread(plan.spec.preload), asyncio.to_thread(model.weights.wait))
     log.info("starting %s engine for %s on %s", plan.spec.name, model.name, plan.settings.device)
     await engine.start()
     tokenizer = AutoTokenizer.from_pretrained(str(model.path))

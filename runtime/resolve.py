@@ -2,7 +2,8 @@
 
 Accepted: an artifact URI (``file://…``, ``s3://…``, a bare ``name:tag`` / ``name@sha256:…`` in the default store),
 a directory holding ``manifest.json`` (verified in place), a plain Hugging Face checkpoint directory (served as is,
-with no manifest to verify), or a Hugging Face hub id (``owner/name``, downloaded with huggingface_hub where the
+with no manifest to verify), an ``s3://`` prefix holding a plain Hugging Face checkpoint (mirrored and verified,
+see :mod:`runtime.s3_checkpoint`), or a Hugging Face hub id (``owner/name``, downloaded with huggingface_hub where the
 hub is reachable). Pulled artifacts live in the pull cache keyed by digest; a cache entry is re-verified on every
 start and re-fetched if damaged, never served.
 """
@@ -17,11 +18,13 @@ from pathlib import Path
 
 from artifacts import ops
 from artifacts.digest import hex_of, sha256_bytes
-from artifacts.errors import ArtifactError, UriError, VerificationError
+from artifacts.errors import ArtifactError, NotFoundError, UriError, VerificationError
 from artifacts.manifest import MANIFEST_NAME, Manifest
 from artifacts.paths import default_store_uri, pull_cache_root
 from artifacts.uri import parse_ref
 from runtime.config.location import is_hub_id
+from runtime.s3_checkpoint import KIND as S3_CHECKPOINT
+from runtime.s3_checkpoint import WeightFetch, nothing_there, open_checkpoint
 
 log = logging.getLogger("kiln.runtime")
 
@@ -33,14 +36,17 @@ class ResolvedModel:
     manifest: Manifest | None
     source: str  # what the operator passed, for logs
     kind: str = "kiln artifact"  # what the location held (shown by ``python -m runtime config``)
+    weights: WeightFetch | None = None  # weights still to fetch (a plain S3 checkpoint): start, then wait
 
 
 # Files a hub download fetches: the checkpoint (safetensors only), its config, tokenizer and templates.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 
 
-def resolve(target: str, revision: str | None = None) -> ResolvedModel:
+def resolve(target: str, revision: str | None = None, allow_pickle: bool = False) -> ResolvedModel:
     path = Path(target).expanduser()
+    if target.startswith("s3://") and not _names_an_artifact(target):
+        return _from_s3(target, allow_pickle)
     if path.is_dir():
         return _from_dir(path, target)
     if is_hub_id(target):
@@ -75,6 +81,26 @@ def resolve(target: str, revision: str | None = None) -> ResolvedModel:
             raise
     _verify(entry, manifest)
     return ResolvedModel(entry, manifest.name, manifest, target)
+
+
+def _names_an_artifact(uri: str) -> bool:
+    """``s3://store/llama:latest`` and ``…/llama@sha256:…`` name a kiln artifact; a bare prefix may be either."""
+    last = uri.rstrip("/").rpartition("/")[2]
+    return "@" in last or ":" in last
+
+
+def _from_s3(uri: str, allow_pickle: bool) -> ResolvedModel:
+    """What the prefix holds decides: a Hugging Face checkpoint (config.json at its top), else a kiln artifact."""
+    found = open_checkpoint(uri, allow_pickle)
+    if found is not None:
+        path, weights = found
+        name = uri.rstrip("/").rpartition("/")[2].lower() or "model"
+        log.info("%s holds a plain Hugging Face checkpoint: serving its verified mirror %s", uri, path)
+        return ResolvedModel(path, name, None, uri, S3_CHECKPOINT, weights)
+    try:
+        return resolve(uri.rstrip("/") + ":latest")
+    except (UriError, NotFoundError) as exc:
+        raise nothing_there(uri, str(exc)) from None
 
 
 def _cached(entry: Path, digest: str, source: str) -> ResolvedModel | None:

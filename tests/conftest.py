@@ -147,12 +147,13 @@ def start_server(
     timeout: float = 600,
     env: dict[str, str] | None = None,
 ) -> Server:
-    """Start ``python -m runtime serve`` on a free port; with ``wait`` poll /ping until 200 (recording codes)."""
+    """Start ``python -m runtime serve`` on a free port; with ``wait`` poll /ping until 200 (recording codes).
+    ``model`` "": none on the command line (the environment or serving.properties names it)."""
     port = free_port()
     log = tmp / f"server-{port}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime", "serve", model, "--port", str(port), *extra],
+            [sys.executable, "-m", "runtime", "serve", *([model] if model else []), "--port", str(port), *extra],
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,

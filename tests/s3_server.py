@@ -12,6 +12,7 @@ import http.server
 import itertools
 import json
 import os
+import re
 import socket
 import struct
 import threading
@@ -37,6 +38,7 @@ AWS_ENV = {
 }
 _AWS_UNSET = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
 _counter = itertools.count()
+_REQUEST_LINE = re.compile(rb"(?:^|\r\n)((?:GET|HEAD|PUT|POST|DELETE) \S+) HTTP/1\.1\r\n")
 
 
 def free_port() -> int:
@@ -101,7 +103,8 @@ class FaultProxy:
     """A TCP proxy on loopback: counts bytes sent upstream, and can cut connections or slow them down.
 
     ``cut_after``: reset any connection once it has carried this many bytes upstream (``cuts`` times; -1 for
-    every connection). ``rate``: upstream bytes per second.
+    every connection). ``rate``: upstream bytes per second. ``requests``: the request lines seen
+    (``GET /bucket/key?…``), to prove what a client did or did not fetch.
     """
 
     upstream: int
@@ -110,6 +113,7 @@ class FaultProxy:
     rate: float | None = None
     sent: int = 0
     resets: int = 0
+    requests: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -153,6 +157,7 @@ class FaultProxy:
                 carried += len(data)
                 with self._lock:
                     self.sent += len(data)
+                    self.requests += [m.decode() for m in _REQUEST_LINE.findall(data)]
         except OSError:
             pass
         _close(src, dst)

@@ -64,6 +64,11 @@ class ServeConfig(BaseModel):
         description="serve a precompiled artifact without its compile cache where its target.compile key does not "
         "match this host (vLLM then compiles at start)",
     )
+    allow_pickle: bool = Field(
+        False,
+        description="fetch pickle weights (*.bin, *.pt) from a plain S3 checkpoint that has no safetensors (loading "
+        "pickle can run code: allow it only for checkpoints you trust)",
+    )
     engine_args: dict[str, Any] = Field(default_factory=dict, description="engine-native keys passed through")
 
 

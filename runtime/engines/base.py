@@ -210,6 +210,9 @@ class EngineSpec:
     # ("gptq-w4a16" -> "w4a16").
     kernel_needs: Mapping[tuple[str, str], KernelNeed] = field(default_factory=dict)
     compile: CompileSupport | None = None  # None: the engine has no precompiled content
+    # Import the engine's heavy libraries ahead of ``create(...).start()``; serve runs it while the weights of a
+    # plain S3 checkpoint still download, so the two overlap.
+    preload: Callable[[], None] = lambda: None
 
     def cannot_run(self, quantization: str, device: str, cpu_flags: frozenset[str]) -> str | None:
         """Why this engine's kernels cannot run ``quantization`` on ``device`` here (None: they can)."""

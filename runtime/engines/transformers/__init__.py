@@ -47,6 +47,10 @@ def _defaults(s: EngineSettings) -> dict[str, EngineDefault]:
     return out
 
 
+def _preload() -> None:
+    import transformers.generation.continuous_batching  # noqa: F401
+
+
 SPEC = EngineSpec(
     name="transformers",
     distributions=("transformers",),
@@ -56,4 +60,5 @@ SPEC = EngineSpec(
     native_args=_native_args,
     defaults=_defaults,
     lmi_names=("scheduler",),  # LMI's HF-Accelerate rolling batch, whose successor is transformers' own
+    preload=_preload,
 )
