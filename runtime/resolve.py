@@ -141,16 +141,33 @@ def _from_hub(repo_id: str, revision: str | None) -> ResolvedModel:
     )
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import (
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
     except ImportError as exc:
         raise ArtifactError(f"{repo_id!r} is a Hugging Face hub id, and huggingface_hub is not installed") from exc
+    at = f" at revision {revision!r}" if revision else ""
     try:
         local = snapshot_download(
             repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=offline, etag_timeout=10
         )
     except RepositoryNotFoundError:
         raise ArtifactError(f"{repo_id!r}: no such repository on the Hugging Face hub (or it needs HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise ArtifactError(
+            f"{repo_id!r} has no revision {revision!r}: fix HF_MODEL_REVISION (a branch, tag or commit of the "
+            "repository), or unset it for main"
+        ) from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        if offline and revision and _cached_revisions(repo_id):
+            raise ArtifactError(
+                f"{repo_id!r}{at} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; the cache holds "
+                f"{', '.join(_cached_revisions(repo_id))}: fix HF_MODEL_REVISION, or download it where the hub is "
+                "reachable"
+            ) from None
         why = "HF_HUB_OFFLINE is set" if offline else f"the hub cannot be reached ({type(exc).__name__})"
         raise ArtifactError(f"{repo_id!r} is a Hugging Face hub id, and {why}: {alternatives}") from None
     path = Path(local)
@@ -158,6 +175,14 @@ def _from_hub(repo_id: str, revision: str | None) -> ResolvedModel:
         raise ArtifactError(f"{repo_id!r} holds no config.json: it is not a Hugging Face model checkpoint")
     log.warning("%s: serving the hub checkpoint %s unverified (no kiln manifest)", repo_id, path)
     return ResolvedModel(path, _dir_name(Path(repo_id)), None, repo_id, "Hugging Face hub checkpoint")
+
+
+def _cached_revisions(repo_id: str) -> list[str]:
+    """The refs (branches, tags) the local hub cache holds for ``repo_id``."""
+    from huggingface_hub import constants
+
+    refs = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs"
+    return sorted(p.relative_to(refs).as_posix() for p in refs.rglob("*") if p.is_file()) if refs.is_dir() else []
 
 
 def _verify(path: Path, manifest: Manifest) -> None:

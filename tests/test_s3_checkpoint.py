@@ -14,7 +14,9 @@ import pytest
 
 from artifacts.manifest import MANIFEST_NAME
 from tests.conftest import run_cli, start_server
-from tests.s3_server import FaultProxy, MotoS3
+from tests.s3_server import FaultProxy, MotoS3, free_port
+from tests.test_s3_faults import fails_cleanly, iam_user  # noqa: F401 (a fixture)
+from tests.test_s3_store import make_artifact
 
 pytestmark = pytest.mark.integration
 TRANSFORMERS = {"OPTION_ROLLING_BATCH": "scheduler"}  # starts in seconds; the S3 path is the engine's same
@@ -142,3 +144,109 @@ def test_serve_a_plain_s3_checkpoint_three_ways_verified_and_cached(
     assert json.loads((mirror / "generation_config.json").read_text()) == {"max_new_tokens": 7}
     assert not (mirror / "README.md").exists()
     assert not (mirror / "original").exists()
+
+
+# -- bad input: one line naming what and the fix, exit 1, no traceback, no credential, nothing half-written --------
+
+
+def config_fails(uri: str, *needles: str, env: dict[str, str] | None = None) -> str:
+    proc = run_cli("runtime", "config", env={**TRANSFORMERS, "HF_MODEL_ID": uri, **(env or {})}, timeout=120)
+    err = fails_cleanly(proc, *needles)
+    assert len([x for x in err.splitlines() if x.startswith("kiln runtime:")]) == 1, err
+    return err
+
+
+def test_prefixes_that_hold_no_servable_checkpoint_are_refused_naming_what_they_hold(
+    moto_s3: MotoS3, checkpoint: Path, tmp_path: Path
+) -> None:
+    bucket = moto_s3.bucket("bad")
+    s3 = moto_s3.client()
+    config_fails("s3://kiln-no-such-bucket/llama/", "bucket 'kiln-no-such-bucket' does not exist")
+    config_fails(f"s3://{bucket}/missing/", f"s3://{bucket}/missing/: nothing to serve", "aws s3 sync")
+    s3.put_object(Bucket=bucket, Key="empty/", Body=b"")  # a console-made "folder"
+    config_fails(f"s3://{bucket}/empty/", "nothing to serve")
+    s3.put_object(Bucket=bucket, Key="noconfig/model.safetensors", Body=b"x")
+    config_fails(f"s3://{bucket}/noconfig/", "holds 1 objects but no config.json at its top")
+    upload(moto_s3, bucket, "nested/tiny/", checkpoint)
+    config_fails(f"s3://{bucket}/nested/", f"config.json is under s3://{bucket}/nested/tiny/: point there")
+    push = run_cli("artifacts", "push", str(make_artifact(tmp_path)[0]), f"s3://{bucket}/store")
+    assert push.returncode == 0, push.stderr
+    config_fails(f"s3://{bucket}/store/", "is a kiln artifact store, not a model", f"s3://{bucket}/store/<name>:<tag>")
+    for path in checkpoint.iterdir():
+        if path.suffix != ".safetensors":
+            s3.upload_file(str(path), bucket, f"pickled/{path.name}")
+    s3.put_object(Bucket=bucket, Key="pickled/pytorch_model.bin", Body=b"\x80\x04pickle")
+    config_fails(f"s3://{bucket}/pickled/", "only pickle weights (pytorch_model.bin)", "OPTION_ALLOW_PICKLE=true")
+    s3.delete_object(Bucket=bucket, Key="pickled/pytorch_model.bin")
+    config_fails(f"s3://{bucket}/pickled/", "holds config.json but no weights")
+
+
+def test_pickle_weights_come_only_when_allowed(moto_s3: MotoS3, checkpoint: Path) -> None:
+    from artifacts.errors import ArtifactError
+    from runtime.resolve import resolve
+
+    bucket = moto_s3.bucket("pickle")
+    for path in checkpoint.iterdir():
+        if path.suffix != ".safetensors":
+            moto_s3.client().upload_file(str(path), bucket, f"p/{path.name}")
+    moto_s3.client().put_object(Bucket=bucket, Key="p/pytorch_model.bin", Body=b"\x80\x04weights")
+    with pytest.raises(ArtifactError, match="only pickle weights"):
+        resolve(f"s3://{bucket}/p/")
+    allowed = resolve(f"s3://{bucket}/p/", allow_pickle=True)
+    assert allowed.weights is not None
+    allowed.weights.wait()
+    assert (allowed.path / "pytorch_model.bin").read_bytes() == b"\x80\x04weights"
+    shown = run_cli(
+        "runtime", "config", env={**TRANSFORMERS, "HF_MODEL_ID": f"s3://{bucket}/p/", "OPTION_ALLOW_PICKLE": "true"}
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "allow_pickle" in shown.stdout
+
+
+def test_access_denied(prefix: Prefix, iam_user: dict[str, str]) -> None:  # noqa: F811
+    config_fails(prefix.uri, "access denied", "s3:ListBucket", env=iam_user)
+
+
+def test_unreachable_endpoint(prefix: Prefix) -> None:
+    config_fails(
+        prefix.uri, "cannot be reached", "AWS_ENDPOINT_URL", env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    )
+
+
+def test_a_killed_weight_fetch_resumes_and_never_leaves_a_partial_file(
+    prefix: Prefix, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from artifacts.errors import ArtifactError
+    from runtime.resolve import resolve
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    model = resolve(prefix.uri)  # the small files: complete and recorded
+    assert model.weights is not None
+    proxy.cut_after, proxy.cuts = 0, -1  # every request from here on is cut: the weight download fails
+    with pytest.raises(ArtifactError):
+        model.weights.wait()
+    assert not (model.path / "model.safetensors").exists()
+    assert [p.name for p in model.path.glob(".tmp-*")] == []
+    proxy.heal()
+    proxy.requests.clear()
+    again = resolve(prefix.uri)
+    assert not any(r.startswith("GET ") and "config.json" in r for r in proxy.requests)  # kept, re-verified
+    assert again.weights is not None
+    again.weights.wait()
+    assert (again.path / "model.safetensors").read_bytes() == (prefix.ckpt / "model.safetensors").read_bytes()
+
+
+def test_s3_sha256_checksums_are_checked(moto_s3: MotoS3, checkpoint: Path) -> None:
+    from artifacts.errors import VerificationError
+    from artifacts.s3 import S3Transport
+    from artifacts.s3_mirror import _check_s3_checksum, open_prefix
+
+    bucket = moto_s3.bucket("sums")
+    uri = upload(moto_s3, bucket, "m/", checkpoint, checksum=True)
+    mirror = open_prefix(uri, ["*"])
+    assert all(o.sha256_checksum for o in mirror.objects)
+    entries = mirror.fetch()  # every file matches S3's own SHA-256
+    assert {e.path for e in entries} == {p.name for p in checkpoint.iterdir()}
+    (obj,) = [o for o in mirror.objects if o.rel == "config.json"]
+    with pytest.raises(VerificationError, match="do not match the SHA-256 checksum S3 holds"):
+        _check_s3_checksum(S3Transport(bucket), obj, b"\x00" * 32)  # what a corrupted download would hash to

@@ -4,6 +4,7 @@ fix, exit status 1, no traceback, nothing left behind, and never a credential in
 from __future__ import annotations
 
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,8 +55,9 @@ def iam_user(moto_s3: MotoS3) -> Iterator[dict[str, str]]:
     import boto3
 
     iam = boto3.session.Session().client("iam", endpoint_url=moto_s3.endpoint)
-    iam.create_user(UserName="kiln-nobody")
-    key = iam.create_access_key(UserName="kiln-nobody")["AccessKey"]
+    user = f"kiln-nobody-{uuid.uuid4().hex[:8]}"  # one per test: moto's IAM lives as long as the session
+    iam.create_user(UserName=user)
+    key = iam.create_access_key(UserName=user)["AccessKey"]
     moto_s3.set_auth(True)
     try:
         yield {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}

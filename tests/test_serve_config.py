@@ -348,6 +348,33 @@ def test_hub_id_offline_is_refused_at_once_naming_the_alternatives(monkeypatch: 
 
 
 @pytest.mark.unit
+def test_hub_id_from_the_local_hub_cache_offline_and_a_revision_it_lacks(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub's own offline mechanism: a populated hub cache serves the id; a revision the cache lacks is
+    named with the revisions it holds."""
+    from huggingface_hub import constants
+
+    from artifacts.errors import ArtifactError
+    from runtime.app import configure
+
+    repo = tmp_path / "hub" / "models--acme--tiny-llama"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    startup = configure({}, [], {"HF_MODEL_ID": "acme/tiny-llama", "OPTION_ROLLING_BATCH": "scheduler"})
+    assert startup.model.kind == "Hugging Face hub checkpoint"
+    assert startup.model.path == repo / "snapshots" / commit
+    with pytest.raises(ArtifactError) as err:
+        configure({}, [], {"HF_MODEL_ID": "acme/tiny-llama", "HF_MODEL_REVISION": "v9"})
+    assert "'acme/tiny-llama' at revision 'v9' is not in the local Hugging Face cache" in str(err.value)
+    assert "the cache holds main" in str(err.value)
+
+
+@pytest.mark.unit
 def test_batch_default_is_the_engines_and_config_shows_it(tiny_dir: Path) -> None:
     """LMI's max_rolling_batch_size defaults (256 for vLLM, 32 for its other backends), on CPU bounded by the KV
     cache at full length: the tiny model's 2048 tokens take 2 KiB each (4 layers x 2 KV heads x 64 x 2 bytes x
