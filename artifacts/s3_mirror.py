@@ -2,7 +2,8 @@
 ``HF_MODEL_ID=s3://bucket/prefix/``), mirrored into the kiln cache. It lives in ``artifacts/`` so that the build
 and the runtime share it without the runtime importing the build.
 
-The prefix is mirrored into ``<cache>/sources/s3/<digest of the URI>/files``. Objects come down with parallel
+The prefix is mirrored into ``<cache>/sources/s3/<digest of the URI>/files`` (``source.txt`` beside it names the
+prefix). Objects come down with parallel
 ranged GETs pinned to the ETag the listing gave (an object replaced mid-download fails), are checked against the
 listed size, hashed while they are written and, where the object carries a full-object SHA-256 checksum in S3,
 checked against it. Each file lands through a temporary file and a rename, and the mirror's state records each
@@ -105,6 +106,7 @@ def open_prefix(uri: str, patterns: list[str]) -> Mirror:
     root = cache_root() / "sources" / "s3" / sha256_bytes(uri.rstrip("/").encode()).split(":")[1][:32]
     files = root / "files"
     state = _load_state(root)
+    _note_source(root, uri)
     selected = {o.rel for o in objects}
     state = {rel: v for rel, v in state.items() if rel in selected}
     _prune(files, selected)
@@ -197,6 +199,13 @@ def _prune(files: Path, wanted: set[str]) -> None:
             path.unlink()
         elif path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
             path.rmdir()
+
+
+def _note_source(root: Path, uri: str) -> None:
+    """``source.txt``: which prefix this cache directory mirrors (its name is a digest), for operators."""
+    if not (root / "source.txt").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "source.txt").write_text(uri.rstrip("/") + "/\n")
 
 
 def _load_state(root: Path) -> dict[str, dict[str, object]]:

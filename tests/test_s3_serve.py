@@ -93,7 +93,8 @@ def test_build_from_an_s3_checkpoint_prefix(moto_s3: MotoS3, tiny_uri: str, tmp_
     for path in ckpt.rglob("*"):
         s3.upload_file(str(path), bucket, f"hf/llama/{path.relative_to(ckpt).as_posix()}")
     s3.put_object(Bucket=bucket, Key="hf/llama/README.md", Body=b"not part of the checkpoint")
-    args = ("build", "model=hf", f"model.source=s3://{bucket}/hf/llama/", "model.name=from-s3")
+    uri = f"s3://{bucket}/hf/llama/"
+    args = ("build", "model=hf", f"model.source={uri}", "model.name=from-s3")
     first = run_cli(*args, env={"KILN_LOG_LEVEL": "INFO"})
     assert first.returncode == 0, first.stderr
     assert f"{len(list(ckpt.iterdir()))} files to download" in first.stderr
@@ -106,7 +107,8 @@ def test_build_from_an_s3_checkpoint_prefix(moto_s3: MotoS3, tiny_uri: str, tmp_
     assert "0 files to download" in again.stderr
     assert again.stdout.strip().splitlines()[-1] == first.stdout.strip().splitlines()[-1]
     # A mirrored file damaged in place (same size, other bytes) is fetched again, never built from.
-    (mirrored,) = (kiln_env / "sources" / "s3").glob("*/files/model.safetensors")
+    (mirror,) = [d for d in (kiln_env / "sources" / "s3").iterdir() if (d / "source.txt").read_text().strip() == uri]
+    mirrored = mirror / "files" / "model.safetensors"
     with open(mirrored, "r+b") as f:
         f.seek(1000)
         f.write(b"\xff" * 16)

@@ -75,11 +75,14 @@ def wait_engine_idle(base: str, timeout: float = 15) -> float:
     raise AssertionError(f"the engine still runs requests after {timeout}s: {metrics(base)}")
 
 
-def wait_admitted(base: str, timeout: float = 30) -> None:
-    """Poll (tightly) until the server holds a request (kiln's own gauge: immediate, where the engine's scheduler
-    statistics lag by a step or more)."""
+def leave_once_admitted(base: str, sock: socket.socket, timeout: float = 30) -> None:
+    """Poll (tightly) until the server holds the request sent on ``sock`` (kiln's own gauge: immediate, where the
+    engine's scheduler statistics lag by a step or more); fail, showing it, if an answer comes first."""
+    sock.setblocking(False)
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
+        with contextlib.suppress(BlockingIOError):
+            pytest.fail(f"answered before the client left: {sock.recv(600)!r}")
         text = httpx.get(base + "/metrics", timeout=30).text  # read directly: parsing all of it takes too long
         if re.search(r"^kiln_requests_in_flight [1-9]", text, re.M):
             return
@@ -432,10 +435,7 @@ def test_client_disconnect_aborts_the_engine_request(server: Live) -> None:
         payload = json.dumps({**body, "stream": False}).encode()
         head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         sock.sendall(head.encode() + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-        wait_admitted(server.base)
-        sock.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            pytest.fail(f"answered before the client left: {sock.recv(300)!r}")
+        leave_once_admitted(server.base, sock)
     wait_engine_idle(server.base)
     if server.engine == "vllm":  # the engine itself stopped: it generated far fewer tokens than were asked for
         assert engine_tokens(server.base) - before < 0.5 * (streams + 1) * 1900
