@@ -75,17 +75,17 @@ def wait_engine_idle(base: str, timeout: float = 15) -> float:
     raise AssertionError(f"the engine still runs requests after {timeout}s: {metrics(base)}")
 
 
-def leave_once_admitted(base: str, sock: socket.socket, timeout: float = 30) -> None:
+def leave_once_admitted(base: str, sock: socket.socket, timeout: float = 30) -> bytes:
     """Poll (tightly) until the server holds the request sent on ``sock`` (kiln's own gauge: immediate, where the
-    engine's scheduler statistics lag by a step or more); fail, showing it, if an answer comes first."""
+    engine's scheduler statistics lag by a step or more), then return b""; or return the answer if it came first."""
     sock.setblocking(False)
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         with contextlib.suppress(BlockingIOError):
-            pytest.fail(f"answered before the client left: {sock.recv(600)!r}")
+            return sock.recv(600) or b"(closed by the server)"
         text = httpx.get(base + "/metrics", timeout=30).text  # read directly: parsing all of it takes too long
         if re.search(r"^kiln_requests_in_flight [1-9]", text, re.M):
-            return
+            return b""
         time.sleep(0.005)
     raise AssertionError(f"no request was admitted within {timeout}s")
 
@@ -430,15 +430,23 @@ def test_client_disconnect_aborts_the_engine_request(server: Live) -> None:
     wait_engine_idle(server.base)
     # A non-streaming request whose client gives up is aborted too. The client leaves as soon as the server holds
     # the request (not after a fixed time: a fast machine generates the 1900 tokens in a fraction of a second).
+    # An answer before the poll saw the request (a machine far faster than the poll) is a try lost, not a failure.
     url = httpx.URL(server.base)
-    with socket.create_connection((url.host, url.port or 80), timeout=60) as sock:
-        payload = json.dumps({**body, "stream": False}).encode()
-        head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        sock.sendall(head.encode() + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-        leave_once_admitted(server.base, sock)
-    wait_engine_idle(server.base)
+    payload = json.dumps({**body, "stream": False}).encode()
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    early = []
+    for _ in range(3):
+        with socket.create_connection((url.host, url.port or 80), timeout=60) as sock:
+            sock.sendall(head.encode() + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            answer = leave_once_admitted(server.base, sock)
+        wait_engine_idle(server.base)
+        if not answer:
+            break
+        early.append(answer)
+    else:
+        pytest.fail(f"every try was answered before the client could leave: {early}")
     if server.engine == "vllm":  # the engine itself stopped: it generated far fewer tokens than were asked for
-        assert engine_tokens(server.base) - before < 0.5 * (streams + 1) * 1900
+        assert engine_tokens(server.base) - before < 0.5 * (streams + 1 + len(early)) * 1900
 
 
 def engine_tokens(base: str) -> float:
