@@ -109,7 +109,8 @@ def start_and_first_token(cmd: list[str], env: dict[str, str], port: int, ping: 
 def _wait_ready(proc: subprocess.Popen[str], url: str, t0: float, timeout: float, lines: list) -> float:  # type: ignore[type-arg]
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
-            tail = "\n".join(line for _, line in lines[-40:])
+            errors = [line for _, line in lines if re.search(r"\w+(Error|Exception): ", line)]  # root causes
+            tail = "\n".join([*errors[:10], "...", *(line for _, line in lines[-40:])])
             raise SystemExit(f"server exited with {proc.returncode}:\n{tail}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:

@@ -47,18 +47,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--out", type=Path)
+    p.add_argument("--only", default="abcd", help="which ways to run, by letter (default: abcd)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-s3cold-"))
     try:
         with moto_server() as endpoint:
-            results = bench(work, endpoint, args.rounds)
+            results = bench(work, endpoint, args.rounds, args.only)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 
 
-def bench(work: Path, endpoint: str, rounds: int) -> dict[str, object]:
+def bench(work: Path, endpoint: str, rounds: int, only: str = "abcd") -> dict[str, object]:
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint,
         AWS_ACCESS_KEY_ID="bench",
@@ -90,16 +91,23 @@ def bench(work: Path, endpoint: str, rounds: int) -> dict[str, object]:
         STREAMER: lambda port, env: _vllm(prefix, port, "--load-format", "runai_streamer"),
         "(d) download everything, then vLLM (LMI)": lambda port, env: _download_then_vllm(prefix, env, port),
     }
+    variants = {name: make for name, make in variants.items() if name[1] in only}
     starts: dict[str, list[Start]] = {name: [] for name in variants}
+    failed: dict[str, str] = {}
     for r in range(rounds):
         for name, make in variants.items():
             env = fresh_machine_env(work)
             port = free_port()
             ping = "/ping" if name.startswith(("(a)", "(b)")) else "/health"
-            s = measure(make(port, env), env, port, ping)
+            try:
+                s = measure(make(port, env), env, port, ping)
+            except SystemExit as exc:  # one way failing does not stop the others
+                failed[name] = str(exc).splitlines()[1] if "\n" in str(exc) else str(exc)
+                print(f"round {r + 1}: {name}: FAILED\n{exc}", flush=True)
+                continue
             starts[name].append(s)
             print(f"round {r + 1}: {name}: first token {s.first_token_s:.1f}s (ready {s.ready_s:.1f}s)", flush=True)
-    return report(starts, size)
+    return report({k: v for k, v in starts.items() if v}, size, failed)
 
 
 def _kiln(model: str, port: int) -> list[str]:
@@ -137,8 +145,8 @@ def _download_then_vllm(prefix: str, env: dict[str, str], port: int) -> list[str
     return [PY, "-c", script, *_vllm(str(dest), port)]
 
 
-def report(starts: dict[str, list[Start]], size: int) -> dict[str, object]:
-    ref = median([s.first_token_s for s in starts[STREAMER]])
+def report(starts: dict[str, list[Start]], size: int, failed: dict[str, str]) -> dict[str, object]:
+    ref = median([s.first_token_s for s in starts[STREAMER]]) if STREAMER in starts else float("nan")
     print(f"\n| start ({size / 2**30:.2f} GiB from loopback S3) | first token, median s | runs | vs (c) streamer |")
     print("|---|---|---|---|")
     out: dict[str, object] = {"bytes": size}
@@ -146,6 +154,9 @@ def report(starts: dict[str, list[Start]], size: int) -> dict[str, object]:
         m = median([s.first_token_s for s in runs])
         print(f"| {name} | {m:.1f} | {', '.join(f'{s.first_token_s:.1f}' for s in runs)} | {m / ref:.2f}x |")
         out[name] = {"first_token_s": [s.first_token_s for s in runs], "median_s": m, "ratio_to_streamer": m / ref}
+    for name, why in failed.items():
+        print(f"| {name} | failed: {why[:150]} | | |")
+        out[name] = {"failed": why}
     return out
 
 
