@@ -162,11 +162,11 @@ def _from_hub(repo_id: str, revision: str | None) -> ResolvedModel:
             "repository), or unset it for main"
         ) from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        if offline and revision and _cached_revisions(repo_id):
+        cached = _cached_revisions(repo_id) if offline and revision else []
+        if cached:
             raise ArtifactError(
                 f"{repo_id!r}{at} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; the cache holds "
-                f"{', '.join(_cached_revisions(repo_id))}: fix HF_MODEL_REVISION, or download it where the hub is "
-                "reachable"
+                f"{', '.join(cached)}: fix HF_MODEL_REVISION, or download it where the hub is reachable"
             ) from None
         why = "HF_HUB_OFFLINE is set" if offline else f"the hub cannot be reached ({type(exc).__name__})"
         raise ArtifactError(f"{repo_id!r} is a Hugging Face hub id, and {why}: {alternatives}") from None

@@ -140,3 +140,34 @@ def median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+# The engine arguments every start-up benchmark gives bare vLLM (kiln derives the same from the artifact).
+VLLM_ENGINE_ARGS = ["--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", "32"]
+
+
+def vllm_cmd(model: str, port: int, *extra: str) -> list[str]:
+    """Bare vLLM's OpenAI server on ``model`` with the benchmarks' engine arguments."""
+    return [
+        PY,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        *VLLM_ENGINE_ARGS,
+        "--kv-cache-memory-bytes",
+        str(1 << 30),  # what kiln's runtime gives vLLM on CPU
+        *extra,
+    ]
+
+
+def first_token_rows(starts: dict[str, list[Start]], ref: float, ratio_key: str) -> dict[str, object]:
+    """Print one markdown row per way (median, runs, ratio to ``ref``); return them for the JSON report."""
+    out: dict[str, object] = {}
+    for name, runs in starts.items():
+        m = median([s.first_token_s for s in runs])
+        print(f"| {name} | {m:.1f} | {', '.join(f'{s.first_token_s:.1f}' for s in runs)} | {m / ref:.2f}x |")
+        out[name] = {"first_token_s": [s.first_token_s for s in runs], "median_s": m, ratio_key: m / ref}
+    return out

@@ -18,9 +18,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tests.bench._serve import PY, Start, build_tiny, free_port, fresh_machine_env, median, pull, start_and_first_token
+from tests.bench._serve import (
+    PY,
+    Start,
+    build_tiny,
+    first_token_rows,
+    free_port,
+    fresh_machine_env,
+    median,
+    pull,
+    start_and_first_token,
+    vllm_cmd,
+)
 
-ENGINE_ARGS = ["--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", "32"]
 PHASES = [  # (label, log pattern): the moment each phase ends
     ("runtime imported, artifact verified", r"kiln\.runtime: verified"),
     ("host + compile key checked, cache copied, HTTP up", r"kiln\.runtime: listening"),
@@ -82,28 +92,13 @@ def _kiln(model: Path, port: int) -> list[str]:
 
 
 def _vllm(model: Path, port: int) -> list[str]:
-    return [
-        PY,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model),
-        "--port",
-        str(port),
-        *ENGINE_ARGS,
-        "--kv-cache-memory-bytes",
-        str(1 << 30),  # what kiln's runtime gives vLLM on CPU
-    ]
+    return vllm_cmd(str(model), port)
 
 
 def report(starts: dict[str, list[Start]]) -> dict[str, object]:
     bare = median([s.first_token_s for s in starts["bare vLLM, no cache"]])
     print("\n| start (tiny artifact) | first token, median s | runs | vs bare vLLM, no cache |\n|---|---|---|---|")
-    out: dict[str, object] = {}
-    for name, runs in starts.items():
-        m = median([s.first_token_s for s in runs])
-        print(f"| {name} | {m:.1f} | {', '.join(f'{s.first_token_s:.1f}' for s in runs)} | {m / bare:.2f}x |")
-        out[name] = {"first_token_s": [s.first_token_s for s in runs], "median_s": m, "ratio_to_bare": m / bare}
+    out = first_token_rows(starts, bare, "ratio_to_bare")
     for name, runs in starts.items():
         print(f"\nphases of one start: {name}\n| ends at s | phase |\n|---|---|")
         s = runs[-1]

@@ -26,7 +26,17 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.bench._serve import PY, Start, build_tiny, free_port, fresh_machine_env, median, pull
+from tests.bench._serve import (
+    PY,
+    Start,
+    build_tiny,
+    first_token_rows,
+    free_port,
+    fresh_machine_env,
+    median,
+    pull,
+    vllm_cmd,
+)
 from tests.bench._serve import start_and_first_token as measure
 from tests.bench.s3_pull import moto_server
 
@@ -38,7 +48,6 @@ SYNTH = [
     "model.synth.num_attention_heads=16",
     "model.synth.num_key_value_heads=4",
 ]
-ENGINE_ARGS = ["--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", "32"]
 BUCKET = "bench"
 STREAMER = "(c) vLLM --load-format runai_streamer"
 
@@ -115,19 +124,7 @@ def _kiln(model: str, port: int) -> list[str]:
 
 
 def _vllm(model: str, port: int, *extra: str) -> list[str]:
-    return [
-        PY,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model,
-        "--port",
-        str(port),
-        *ENGINE_ARGS,
-        "--kv-cache-memory-bytes",
-        str(1 << 30),  # what kiln's runtime gives vLLM on CPU
-        *extra,
-    ]
+    return vllm_cmd(model, port, *extra)
 
 
 def _download_then_vllm(prefix: str, env: dict[str, str], port: int) -> list[str]:
@@ -149,11 +146,7 @@ def report(starts: dict[str, list[Start]], size: int, failed: dict[str, str]) ->
     ref = median([s.first_token_s for s in starts[STREAMER]]) if STREAMER in starts else float("nan")
     print(f"\n| start ({size / 2**30:.2f} GiB from loopback S3) | first token, median s | runs | vs (c) streamer |")
     print("|---|---|---|---|")
-    out: dict[str, object] = {"bytes": size}
-    for name, runs in starts.items():
-        m = median([s.first_token_s for s in runs])
-        print(f"| {name} | {m:.1f} | {', '.join(f'{s.first_token_s:.1f}' for s in runs)} | {m / ref:.2f}x |")
-        out[name] = {"first_token_s": [s.first_token_s for s in runs], "median_s": m, "ratio_to_streamer": m / ref}
+    out: dict[str, object] = {"bytes": size, **first_token_rows(starts, ref, "ratio_to_streamer")}
     for name, why in failed.items():
         print(f"| {name} | failed: {why[:150]} | | |")
         out[name] = {"failed": why}
