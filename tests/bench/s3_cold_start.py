@@ -1,6 +1,6 @@
 """Cold start from S3: process start → first streamed token for a ~1 GiB checkpoint on a loopback S3 server.
 
-    python -m tests.bench.s3_cold_start [--rounds 1] [--out results.json]
+    python -m tests.bench.s3_cold_start [--rounds 1] [--only abcd] [--server rclone|moto] [--out results.json]
 
 Four ways, interleaved, each on a "new machine" (empty kiln, torch and vLLM caches; see tests/bench/_serve.py):
 
@@ -11,7 +11,10 @@ Four ways, interleaved, each on a "new machine" (empty kiln, torch and vLLM cach
     streamer reads the tensors straight from S3; nothing is verified);
 (d) the LMI way: download the whole prefix (boto3's download_file per object), then start vLLM on the directory.
 
-The S3 server is moto, in its own process. The checkpoint is synthesized (random weights) and converted by the
+The S3 server is ``rclone serve s3`` over a local directory, in its own process (``--server moto`` for moto, whose
+ranged GETs each read the whole object, so that there the server is what is measured).
+
+The checkpoint is synthesized (random weights) and converted by the
 build to bfloat16 safetensors; every variant serves it with the same engine arguments. Medians are reported with
 the ratio to (c).
 """
@@ -38,7 +41,7 @@ from tests.bench._serve import (
     vllm_cmd,
 )
 from tests.bench._serve import start_and_first_token as measure
-from tests.bench.s3_pull import moto_server
+from tests.bench.s3_pull import moto_server, rclone_server
 
 # ~1 GiB of bfloat16 weights (about 530 M parameters) with the tiny model's tokenizer.
 SYNTH = [
@@ -57,10 +60,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--out", type=Path)
     p.add_argument("--only", default="abcd", help="which ways to run, by letter (default: abcd)")
+    p.add_argument("--server", choices=("rclone", "moto"), default="rclone", help="the loopback S3 server")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-s3cold-"))
     try:
-        with moto_server() as endpoint:
+        (work / "s3").mkdir()
+        with rclone_server(work / "s3") if args.server == "rclone" else moto_server() as endpoint:
             results = bench(work, endpoint, args.rounds, args.only)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -45,6 +45,27 @@ def moto_server() -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with _serving(cmd, port) as endpoint:
+        yield endpoint
+
+
+@contextmanager
+def rclone_server(root: Path, key: str = "bench") -> Iterator[str]:
+    """``rclone serve s3`` over the directory ``root`` (credentials ``key``/``key``): a Go S3 server whose ranged
+    GETs read only the range. moto reads and copies the whole object under one lock for every ranged GET, so
+    against moto a 1 GiB object's parallel readers measure moto (the Run:ai streamer's connections even time
+    out). rclone ignores If-Match and has no SHA-256 checksums; the correctness tests stay on moto."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rclone = shutil.which("rclone", path=str(Path(sys.executable).parent)) or "rclone"
+    cmd = [rclone, "serve", "s3", "-q", "--auth-key", f"{key},{key}", "--addr", f"127.0.0.1:{port}", str(root)]
+    with _serving(cmd, port) as endpoint:
+        yield endpoint
+
+
+@contextmanager
+def _serving(cmd: list[str], port: int) -> Iterator[str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
