@@ -54,6 +54,11 @@ SCHEME_DEVICES: dict[tuple[str, str], EngineTarget] = {
 }
 
 
+def quant_scheme(quantization: str) -> str:
+    """The scheme kernels are chosen by: ``gptq-w4a16`` -> ``w4a16``; FP8 names (and ``none``) are schemes already."""
+    return quantization if quantization.startswith("fp8") or quantization == "none" else quantization.split("-", 1)[1]
+
+
 def runs_on(engine: str, scheme: str) -> EngineTarget:
     """The device kinds whose kernels run ``scheme`` on ``engine`` (the engine's own kinds when not narrowed)."""
     return SCHEME_DEVICES.get((engine, scheme), ENGINES[engine])

@@ -20,7 +20,7 @@ from artifacts.errors import ArtifactError
 from artifacts.manifest import Manifest, Target
 from artifacts.paths import cache_root, default_store_uri
 from artifacts.store import SCHEME_TO_STORE, STORES, open_store
-from artifacts.targets import ENGINES
+from artifacts.targets import ENGINES, quant_scheme, runs_on
 from artifacts.uri import ArtifactRef, normalize_store_uri, scheme_of
 from build import calibration
 from build.cache import StageCache, StageRecord
@@ -60,9 +60,11 @@ def run_build(cfg: BuildConfig) -> BuildResult:
         "max_shard_size": parse_size(cfg.convert.max_shard_size),
         "check_finite": cfg.convert.check_finite,
         "allow_pickle": cfg.model.allow_pickle,
+        "quantize": cfg.quantize.method,
     }
     final = run_stage(CONVERT, convert_params, {"source": source.input}, cache, force=cfg.force)
     stages.append(final)
+    check_prequantized_engine(cfg, final)
     record_extra: dict[str, Any] = {}
     q = plan(cfg.quantize, cfg.target.engine)  # validated already: None means no quantization
     if q is not None:
@@ -101,6 +103,20 @@ def _quantize_stage(
     record.update(data.record)
     params = {"config": stage_config(to_plain(q)), "calibration": data.provenance, **context}
     return StageSpec("quantize", toolchain, entry), params, {"calibration": data.input}
+
+
+def check_prequantized_engine(cfg: BuildConfig, converted: StageRecord) -> None:
+    """A pre-quantized source is built only for an engine that loads its format."""
+    pre = converted.result.get("prequantized")
+    if pre is None or cfg.target.engine in pre["engines"]:
+        return
+    raise BuildError(
+        "convert",
+        f"{cfg.target.engine} does not load {pre['format']} checkpoints ({pre['quantization']}); engines that do: "
+        f"{', '.join(pre['engines'])}",
+        key="target.engine",
+        fix=" or ".join(f"target.engine={e}" for e in pre["engines"]),
+    )
 
 
 def check_quantize_gate(cfg: BuildConfig, stages: list[StageRecord]) -> None:
@@ -175,6 +191,8 @@ def build_target(cfg: BuildConfig, stages: list[StageRecord]) -> Target:
             fix=f"set target.max_model_len<={max_pos}",
         )
     devices = list(ENGINES[engine].devices)
+    if (pre := converted.result.get("prequantized")) is not None:  # narrowed as a quantize stage's plan narrows
+        devices = [d for d in devices if d in runs_on(engine, quant_scheme(pre["quantization"])).devices]
     fields: dict[str, Any] = {"engine_version": "", "quantization": cfg.quantize.method, "compile": {}}
     for stage in stages:
         reported = dict(stage.result.get("target") or {})

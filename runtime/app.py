@@ -9,7 +9,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +140,7 @@ def with_precompiled(plan: Plan, model: ResolvedModel, resolved: Resolved) -> Pl
     settings = plan.spec.compile.prepare(
         model.path, manifest, plan.settings, ignore=resolved.config.ignore_compile_cache
     )
-    return Plan(plan.spec, settings, plan.chosen)
+    return replace(plan, settings=settings)
 
 
 def chat_template(resolved: Resolved) -> str | None:

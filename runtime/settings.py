@@ -8,8 +8,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from artifacts.manifest import Target
+from artifacts.prequantized import FormatError, identify
+from artifacts.targets import runs_on
 from runtime import engines
 from runtime.config.schema import ServeConfig
 from runtime.engines.base import EngineDefault, EngineSettings, EngineSpec
@@ -23,6 +26,7 @@ class Plan:
     spec: EngineSpec
     settings: EngineSettings
     chosen: Mapping[str, EngineDefault]
+    quantization: str = "none"  # target.quantization, or a plain checkpoint's pre-quantized scheme
 
 
 def derive(model_dir: Path, target: Target | None, cfg: ServeConfig, host: Host) -> Plan:
@@ -31,7 +35,7 @@ def derive(model_dir: Path, target: Target | None, cfg: ServeConfig, host: Host)
     Raises TargetMismatchError naming the first target field that does not fit."""
     if target is None:
         spec = _plain_dir_engine(cfg.engine or engines.DEFAULT)
-        device = host.devices[0]
+        device, quantization = _plain_dir_device(model_dir, spec, host)
         dtype, tp, max_len = str(cfg.dtype), cfg.tensor_parallel_degree or 1, cfg.max_model_len
         if tp > host.count(device):
             raise TargetMismatchError(
@@ -40,6 +44,7 @@ def derive(model_dir: Path, target: Target | None, cfg: ServeConfig, host: Host)
     else:
         device = check_target(target, host)
         spec = engines.get(target.engine)
+        quantization = target.quantization
         dtype = target.dtype if cfg.dtype == "auto" else str(cfg.dtype)
         tp, max_len = target.tensor_parallel_degree, cfg.max_model_len or target.max_model_len
     settings = EngineSettings(
@@ -56,7 +61,7 @@ def derive(model_dir: Path, target: Target | None, cfg: ServeConfig, host: Host)
         extra=dict(cfg.engine_args),
     )
     chosen = spec.defaults(settings)
-    return Plan(spec, replace(settings, **{k: d.value for k, d in chosen.items()}), chosen)
+    return Plan(spec, replace(settings, **{k: d.value for k, d in chosen.items()}), chosen, quantization)
 
 
 def _plain_dir_engine(name: str) -> EngineSpec:
@@ -67,3 +72,32 @@ def _plain_dir_engine(name: str) -> EngineSpec:
     if spec.installed_version() is None:
         raise TargetMismatchError("engine", f"{name} is not installed here: {spec.install_hint}")
     return spec
+
+
+def _plain_dir_device(model_dir: Path, spec: EngineSpec, host: Host) -> tuple[str, str]:
+    """The device a plain checkpoint serves on: the host's best, unless it is pre-quantized, when its format is
+    checked as a built artifact's target block is (the engine loads it, a device here has its kernels)."""
+    import json
+
+    def read(name: str) -> dict[str, Any] | None:
+        path = model_dir / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    recipe = model_dir / "recipe.yaml"
+    try:
+        pq = identify(
+            read("config.json") or {}, read("hf_quant_config.json"), recipe.read_text() if recipe.is_file() else ""
+        )
+    except FormatError as exc:
+        raise TargetMismatchError("quantization", f"{exc}; {exc.fix}") from None
+    except (OSError, ValueError) as exc:
+        raise TargetMismatchError("quantization", f"cannot read the checkpoint's config: {exc}") from None
+    if pq is None:
+        return host.devices[0], "none"
+    if spec.name not in pq.engines:
+        raise TargetMismatchError(
+            "engine", f"{spec.name} does not load {pq.summary()}; engines that do: {', '.join(pq.engines)}"
+        )
+    devices = runs_on(spec.name, pq.scheme).devices
+    target = Target(spec.name, "", devices, "auto", 1, 0, quantization=pq.quantization)
+    return check_target(target, host), pq.quantization

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from artifacts.prequantized import FormatError, PreQuantized, check_tensors, identify
 from build.errors import BuildError
 
 log = logging.getLogger("kiln.build.convert")
@@ -44,6 +45,7 @@ class ConvertParams:
     max_shard_size: int
     check_finite: bool
     allow_pickle: bool
+    quantize: str = "none"  # the build's quantize method: a pre-quantized source takes only "none"
 
 
 def run(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path) -> dict[str, Any]:
@@ -53,7 +55,10 @@ def run(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path) -> dic
 
 def convert(p: ConvertParams, src: Path, out: Path) -> dict[str, Any]:
     config = _read_config(src)
+    pq = _identify(src, config, p.quantize)
     arch = _check_architecture(config)
+    if pq is not None:
+        return _copy_prequantized(p, src, out, config, arch, pq)
     reader = _open_weights(src, p.allow_pickle)
     shapes = reader.shapes()
     expected, optional = _expected_shapes(src)
@@ -97,14 +102,32 @@ def _read_config(src: Path) -> dict[str, Any]:
     return data
 
 
-def _check_architecture(config: Mapping[str, Any]) -> str:
-    if "quantization_config" in config:
+def _identify(src: Path, config: Mapping[str, Any], method: str) -> PreQuantized | None:
+    """The source's quantization format (None: not quantized), refused when unknown or re-quantized."""
+    hf_quant = src / "hf_quant_config.json"
+    recipe = src / "recipe.yaml"
+    try:
+        pq = identify(
+            config,
+            json.loads(hf_quant.read_text()) if hf_quant.is_file() else None,
+            recipe.read_text() if recipe.is_file() else "",
+        )
+    except FormatError as exc:
+        raise BuildError("convert", f"{src}: {exc}", key="model.source", fix=exc.fix) from None
+    except json.JSONDecodeError as exc:
+        raise BuildError("convert", f"{hf_quant} is not valid JSON: {exc}", key="model.source") from None
+    if pq is not None and method != "none":
         raise BuildError(
             "convert",
-            "the checkpoint is already quantized (config.json has quantization_config)",
-            key="model.source",
-            fix="start from the unquantized checkpoint and use quantize=<method>",
+            f"the checkpoint is already quantized ({pq.summary()}); quantizing it again with quantize={method} "
+            "would compound the rounding error of both",
+            key="quantize",
+            fix="build it as it is with quantize=none, or start from the unquantized checkpoint",
         )
+    return pq
+
+
+def _check_architecture(config: Mapping[str, Any]) -> str:
     archs = config.get("architectures") or []
     arch = archs[0] if archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -333,3 +356,120 @@ def _write_config(config: Mapping[str, Any], dtype: str, out: Path) -> None:
     data["torch_dtype"] = dtype
     data.pop("dtype", None)
     (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# -- pre-quantized sources: validated against their format, copied byte for byte -------------------------
+
+PREQUANTIZED_FILES = ("hf_quant_config.json", "recipe.yaml", "quantize_config.json")
+
+
+def _copy_prequantized(
+    p: ConvertParams, src: Path, out: Path, config: Mapping[str, Any], arch: str, pq: PreQuantized
+) -> dict[str, Any]:
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise BuildError(
+            "convert",
+            f"{src} holds {pq.summary()} config but no safetensors weights",
+            key="model.source",
+            fix="a pre-quantized checkpoint is read from safetensors only; copy its *.safetensors files",
+        )
+    tensors = _headers(src, files)
+    linears, dense, optional = _unquantized_model(src)
+    problems = check_tensors(
+        pq, {n: t for n, t in tensors.items() if not n.endswith(IGNORED_TENSOR_SUFFIXES)}, linears, dense, optional
+    )
+    if problems:
+        raise BuildError(
+            "convert",
+            f"the checkpoint does not hold what its {pq.summary()} config implies:\n  " + "\n  ".join(problems),
+            key="model.source",
+            fix="re-export the checkpoint with the quantizer that made it, or copy the files it is missing",
+        )
+    declared = str(config.get("torch_dtype") or config.get("dtype") or "auto")
+    if p.dtype not in ("auto", declared):
+        log.warning(
+            "model.dtype=%s does not apply to a pre-quantized checkpoint: its tensors are copied as stored (%s)",
+            p.dtype,
+            declared,
+        )
+    if p.check_finite:
+        _check_finite_scales(src, files)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        shutil.copyfile(path, out / path.name)
+    names = ("config.json", "model.safetensors.index.json", *CARRIED_FILES, *PREQUANTIZED_FILES)
+    for name in names:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    log.info(
+        "pre-quantized %s: %s, %d tensors in %d file(s), copied as stored", arch, pq.summary(), len(tensors), len(files)
+    )
+    return {
+        "architecture": arch,
+        "num_parameters": sum(_numel(s) for s in dense.values()),
+        "dtype": declared if declared in DTYPE_BYTES else "auto",
+        "shards": len(files),
+        "max_position_embeddings": int(config.get("max_position_embeddings") or 0),
+        "prequantized": {"format": pq.format, "quantization": pq.quantization, "engines": list(pq.engines)},
+        "target": {"quantization": pq.quantization},
+        "report": {"prequantized": {"format": pq.format, "scheme": pq.describe, **pq.detail}},
+    }
+
+
+def _headers(src: Path, files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype) of every tensor, read from the files' headers."""
+    from safetensors import SafetensorError, safe_open
+
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                    sl = f.get_slice(name)
+                    out[name] = (tuple(sl.get_shape()), str(sl.get_dtype()))
+        except (SafetensorError, OSError) as exc:
+            raise BuildError(
+                "convert", f"{path.name} is not a readable safetensors file: {exc}", key="model.source"
+            ) from exc
+    return out
+
+
+def _unquantized_model(src: Path) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, ...]], frozenset[str]]:
+    """The Linear modules (name -> (out, in)) and the tensors of the model config.json describes, unquantized."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(src), trust_remote_code=False)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the dense model: its shapes are what the format's are measured by
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BuildError("convert", f"config.json cannot build a model: {exc}", key="model.source") from exc
+    linears = {
+        name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    }
+    dense = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    optional = frozenset({"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set())
+    return linears, dense, optional
+
+
+def _check_finite_scales(src: Path, files: list[Path]) -> None:
+    """NaN/Inf in a scale or a dense tensor poisons every output; fp8 and packed integers cannot hold either."""
+    import torch
+    from safetensors import safe_open
+
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118
+                t = f.get_tensor(name)
+                if t.dtype in (torch.float16, torch.bfloat16, torch.float32) and not bool(torch.isfinite(t).all()):
+                    raise BuildError(
+                        "convert",
+                        f"tensor {name} contains NaN or Inf",
+                        key="model.source",
+                        fix="the checkpoint is damaged; re-export it (or set convert.check_finite=false to skip "
+                        "the check)",
+                    )
