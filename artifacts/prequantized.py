@@ -28,9 +28,10 @@ from typing import Any
 from artifacts.targets import QUANTIZATIONS, quant_scheme
 
 Shape = tuple[int, ...]
-INTS = {"I32", "I16", "I8", "U8", "I64", "U32"}
-FLOATS = {"F16", "BF16", "F32"}
-FP8 = {"F8_E4M3", "F8_E4M3FN"}
+INTS = frozenset({"I32", "I16", "I8", "U8", "I64", "U32"})
+FLOATS = frozenset({"F16", "BF16", "F32"})
+FP8 = frozenset({"F8_E4M3", "F8_E4M3FN"})
+Spec = tuple[frozenset[str], Any]  # (accepted dtypes, (out, in) -> shape, or None: one scale or one per output)
 MAX_LISTED = 10
 
 
@@ -367,6 +368,7 @@ def _modelopt(hf: Mapping[str, Any]) -> PreQuantized:
     name, engines, describe = MODELOPT_ALGOS[algo]
     version = str((hf.get("producer") or {}).get("version") or "")
     scales = frozenset({"F32", "BF16", "F16"})
+    tensors: dict[str, Spec]
     if algo == "FP8":
         tensors = {"weight": (frozenset(FP8), lambda o, i: (o, i)), "weight_scale": (scales, lambda o, i: None)}
         tensors["input_scale"] = (scales, lambda o, i: None)
