@@ -247,7 +247,11 @@ def classic(method: str, tmp: Path) -> Path:
         out = tmp / f"classic-{method}"
         script = str(Path(__file__).parent / "fixtures" / "gptqmodel_quantize.py")
         proc = subprocess.run(
-            [python, script, method, str(src), str(out), str(calib)], capture_output=True, text=True, timeout=900
+            [python, script, method, str(src), str(out), str(calib)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=tmp,  # GPTQModel writes a logs/ folder into its working directory
         )
         assert proc.returncode == 0, proc.stderr[-4000:]
         _classic[method] = out
