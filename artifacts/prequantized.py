@@ -20,9 +20,11 @@ Formats and the versions their layouts were checked against (README, "Quantize")
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from artifacts.targets import QUANTIZATIONS, quant_scheme
@@ -108,6 +110,25 @@ def identify(
 
 
 KNOWN_FORMATS = ("compressed-tensors", "gptq", "awq", "modelopt", "fp8")
+
+
+def identify_dir(model_dir: Path, config: Mapping[str, Any] | None = None) -> PreQuantized | None:
+    """:func:`identify` for a checkpoint directory: reads ``config.json`` (unless given), ``hf_quant_config.json``
+    and ``recipe.yaml`` where present. An unreadable file is a FormatError naming it."""
+
+    def read(name: str) -> Any:
+        path = model_dir / name
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError) as exc:
+            raise FormatError(f"{path} is not readable JSON: {exc}", "re-copy the checkpoint's files") from None
+
+    recipe = model_dir / "recipe.yaml"
+    return identify(
+        config if config is not None else read("config.json") or {},
+        read("hf_quant_config.json"),
+        recipe.read_text() if recipe.is_file() else "",
+    )
 
 
 def _name(method: str, scheme: str) -> str:
@@ -456,7 +477,7 @@ def check_tensors(
                 problems.append(f"{name}: dtype {dtype}, {pq.format} stores {'/'.join(sorted(dtypes))}")
             want = shape_of(o, i)
             if want is None:
-                if _numel(shape) not in (1, o):
+                if numel(shape) not in (1, o):
                     problems.append(f"{name}: shape {list(shape)}, expected one scale or one per output ({o})")
             elif tuple(shape) != tuple(want):
                 problems.append(f"{name}: shape {list(shape)}, {_why(pq)} implies {list(want)} for ({o}, {i})")
@@ -476,14 +497,15 @@ def check_tensors(
         if tuple(tensors[name][0]) != tuple(shape):
             problems.append(f"{name}: shape {list(tensors[name][0])}, config.json implies {list(shape)}")
     if missing:
-        problems.append(f"missing tensors ({len(missing)}): {_first(missing)}")
+        problems.append(f"missing tensors ({len(missing)}): {first(missing)}")
     unexpected = sorted(set(tensors) - seen)
     if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {_first(unexpected)}")
+        problems.append(f"unexpected tensors ({len(unexpected)}): {first(unexpected)}")
     return problems
 
 
-def _first(names: list[str]) -> str:
+def first(names: list[str]) -> str:
+    """The first MAX_LISTED names, and how many more."""
     more = f" … and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
     return ", ".join(names[:MAX_LISTED]) + more
 
@@ -495,7 +517,7 @@ def _why(pq: PreQuantized) -> str:
     return pq.describe or pq.format
 
 
-def _numel(shape: Shape) -> int:
+def numel(shape: Shape) -> int:
     n = 1
     for s in shape:
         n *= int(s)

@@ -8,10 +8,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from artifacts.manifest import Target
-from artifacts.prequantized import FormatError, identify
+from artifacts.prequantized import FormatError, identify_dir
 from artifacts.targets import runs_on
 from runtime import engines
 from runtime.config.schema import ServeConfig
@@ -77,21 +76,10 @@ def _plain_dir_engine(name: str) -> EngineSpec:
 def _plain_dir_device(model_dir: Path, spec: EngineSpec, host: Host) -> tuple[str, str]:
     """The device a plain checkpoint serves on: the host's best, unless it is pre-quantized, when its format is
     checked as a built artifact's target block is (the engine loads it, a device here has its kernels)."""
-    import json
-
-    def read(name: str) -> dict[str, Any] | None:
-        path = model_dir / name
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    recipe = model_dir / "recipe.yaml"
     try:
-        pq = identify(
-            read("config.json") or {}, read("hf_quant_config.json"), recipe.read_text() if recipe.is_file() else ""
-        )
+        pq = identify_dir(model_dir)
     except FormatError as exc:
         raise TargetMismatchError("quantization", f"{exc}; {exc.fix}") from None
-    except (OSError, ValueError) as exc:
-        raise TargetMismatchError("quantization", f"cannot read the checkpoint's config: {exc}") from None
     if pq is None:
         return host.devices[0], "none"
     if spec.name not in pq.engines:

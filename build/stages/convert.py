@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from artifacts.prequantized import FormatError, PreQuantized, check_tensors, identify
+from artifacts.prequantized import MAX_LISTED, FormatError, PreQuantized, check_tensors, first, identify_dir, numel
 from build.errors import BuildError
 
 log = logging.getLogger("kiln.build.convert")
@@ -36,7 +36,6 @@ TOKENIZER_FILES = (
 CARRIED_FILES = (*TOKENIZER_FILES, "generation_config.json")
 IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed at load
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-MAX_LISTED = 10
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ def convert(p: ConvertParams, src: Path, out: Path) -> dict[str, Any]:
     for name in CARRIED_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
-    n_params = sum(_numel(shapes[n]) for n in names)
+    n_params = sum(numel(shapes[n]) for n in names)
     log.info("converted %s: %d tensors, %d parameters, %s, %d shard(s)", arch, len(names), n_params, dtype, len(shards))
     return {
         "architecture": arch,
@@ -104,18 +103,10 @@ def _read_config(src: Path) -> dict[str, Any]:
 
 def _identify(src: Path, config: Mapping[str, Any], method: str) -> PreQuantized | None:
     """The source's quantization format (None: not quantized), refused when unknown or re-quantized."""
-    hf_quant = src / "hf_quant_config.json"
-    recipe = src / "recipe.yaml"
     try:
-        pq = identify(
-            config,
-            json.loads(hf_quant.read_text()) if hf_quant.is_file() else None,
-            recipe.read_text() if recipe.is_file() else "",
-        )
+        pq = identify_dir(src, config)
     except FormatError as exc:
         raise BuildError("convert", f"{src}: {exc}", key="model.source", fix=exc.fix) from None
-    except json.JSONDecodeError as exc:
-        raise BuildError("convert", f"{hf_quant} is not valid JSON: {exc}", key="model.source") from None
     if pq is not None and method != "none":
         raise BuildError(
             "convert",
@@ -270,8 +261,8 @@ def _check_tensors(
         for n in set(actual) & set(expected)
         if tuple(actual[n]) != tuple(expected[n])
     )
-    problems = [f"missing tensors ({len(missing)}): {_first(missing)}"] if missing else []
-    problems += [f"unexpected tensors ({len(unexpected)}): {_first(unexpected)}"] if unexpected else []
+    problems = [f"missing tensors ({len(missing)}): {first(missing)}"] if missing else []
+    problems += [f"unexpected tensors ({len(unexpected)}): {first(unexpected)}"] if unexpected else []
     problems += [f"shape mismatches ({len(wrong)}):\n    " + "\n    ".join(wrong[:MAX_LISTED])] if wrong else []
     if problems:
         raise BuildError(
@@ -280,11 +271,6 @@ def _check_tensors(
             key="model.source",
             fix="use the config.json saved with these weights, or re-export the checkpoint",
         )
-
-
-def _first(names: list[str]) -> str:
-    more = f" … and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
-    return ", ".join(names[:MAX_LISTED]) + more
 
 
 def _resolve_dtype(requested: str, config: Mapping[str, Any], reader: _Weights) -> str:
@@ -297,18 +283,11 @@ def _resolve_dtype(requested: str, config: Mapping[str, Any], reader: _Weights) 
     return sorted(found)[0] if len(found) == 1 else "bfloat16"
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
 def _plan_shards(names: list[str], shapes: Mapping[str, tuple[int, ...]], width: int, limit: int) -> list[list[str]]:
     shards: list[list[str]] = [[]]
     size = 0
     for name in names:
-        nbytes = _numel(shapes[name]) * width
+        nbytes = numel(shapes[name]) * width
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
@@ -407,7 +386,7 @@ def _copy_prequantized(
     )
     return {
         "architecture": arch,
-        "num_parameters": sum(_numel(s) for s in dense.values()),
+        "num_parameters": sum(numel(s) for s in dense.values()),
         "dtype": declared if declared in DTYPE_BYTES else "auto",
         "shards": len(files),
         "max_position_embeddings": int(config.get("max_position_embeddings") or 0),
