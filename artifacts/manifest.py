@@ -119,6 +119,9 @@ class Manifest:
     serving: Mapping[str, Any]
     provenance: Mapping[str, Any]
     schema: str = SCHEMA
+    # A LoRA adapter artifact's description (artifacts/adapters.py: AdapterInfo.to_dict plus "base": the base
+    # artifact's name and digest); None for a model. Absent from the bytes when None, so model digests are as before.
+    adapter: Mapping[str, Any] | None = None
 
     @classmethod
     def create(
@@ -128,6 +131,7 @@ class Manifest:
         target: Target,
         serving: Mapping[str, Any],
         provenance: Mapping[str, Any],
+        adapter: Mapping[str, Any] | None = None,
     ) -> Manifest:
         """Validate and build a manifest; files are sorted by path so the bytes are canonical."""
         if (why := name_problem(name)) is not None:
@@ -139,7 +143,16 @@ class Manifest:
                 raise ManifestError(f"file {entry.path!r} is listed twice")
             seen.add(entry.path)
         _check_no_file_dir_clash(seen)
-        return cls(name=name, files=entries, target=target, serving=dict(serving), provenance=dict(provenance))
+        if adapter is not None and not isinstance(adapter.get("base"), Mapping):
+            raise ManifestError("adapter block must name its base artifact (adapter.base)")
+        return cls(
+            name=name,
+            files=entries,
+            target=target,
+            serving=dict(serving),
+            provenance=dict(provenance),
+            adapter=None if adapter is None else dict(adapter),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -149,7 +162,7 @@ class Manifest:
             "target": self.target.to_dict(),
             "serving": dict(self.serving),
             "provenance": dict(self.provenance),
-        }
+        } | ({} if self.adapter is None else {"adapter": dict(self.adapter)})
 
     def to_bytes(self) -> bytes:
         """Canonical JSON: sorted keys, no whitespace, UTF-8. These exact bytes are what gets digested."""
@@ -184,8 +197,9 @@ class Manifest:
                 target=Target.from_dict(raw["target"]),
                 serving=raw.get("serving") or {},
                 provenance=raw.get("provenance") or {},
+                adapter=raw.get("adapter"),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise ManifestError(f"manifest is missing or has a malformed field: {exc}") from exc
 
 

@@ -52,6 +52,9 @@ def main(cfg: DictConfig) -> int:
         f"{result.manifest.total_size / 1e6:.1f} MB",
         file=sys.stderr,
     )
+    if result.base is not None:  # an adapter build: the base first, the adapter (the artifact asked for) last
+        print(f"adapter {result.manifest.name} for base {result.base}", file=sys.stderr)
+        print(result.base, flush=True)
     print(result.uri, flush=True)
     return 0
 

@@ -95,6 +95,26 @@ class ServingConfig:
 
 
 @dataclass
+class AdapterSynthConfig:
+    """A synthesized tiny LoRA adapter (``adapter.source=kiln:tiny-lora``): seeded, non-zero, shaped by the base."""
+
+    seed: int = 0
+    rank: int = 8
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class AdapterConfig:
+    """A PEFT LoRA adapter to package for the model this build makes, published as an adapter artifact that names
+    the base artifact's digest. ``source`` None: the build makes the model only."""
+
+    source: str | None = None  # local PEFT adapter directory | kiln:tiny-lora (synthesized)
+    name: str | None = None  # None: the directory's name (synthesized: <model.name>-lora<seed>)
+    allow_pickle: bool = False  # accept adapter_model.bin (kiln still publishes safetensors only)
+    synth: AdapterSynthConfig = field(default_factory=AdapterSynthConfig)
+
+
+@dataclass
 class BuildConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
@@ -104,6 +124,7 @@ class BuildConfig:
     publish: PublishConfig = field(default_factory=PublishConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     force: bool = False
     debug: bool = False
 
@@ -187,6 +208,26 @@ def _problems(cfg: BuildConfig) -> list[tuple[str, str]]:
             ("publish.uri", f"is required with publish={cfg.publish.store} (e.g. publish.uri=s3://bucket/prefix)")
         )
     out.extend(_synth_problems(cfg.model))
+    out.extend(_adapter_problems(cfg.adapter))
+    return out
+
+
+ADAPTER_SYNTH = "kiln:tiny-lora"
+
+
+def _adapter_problems(a: AdapterConfig) -> list[tuple[str, str]]:
+    from artifacts.names import name_problem
+
+    out = []
+    if a.name is not None and (why := name_problem(a.name)) is not None:
+        out.append(("adapter.name", why))
+    if a.source is not None and a.source.startswith(SYNTH_SCHEME):
+        if a.source != ADAPTER_SYNTH:
+            out.append(("adapter.source", f"{a.source!r}: the only synthesized adapter is {ADAPTER_SYNTH!r}"))
+        if a.synth.rank < 1:
+            out.append(("adapter.synth.rank", "must be >= 1"))
+        if not a.synth.target_modules:
+            out.append(("adapter.synth.target_modules", "must name at least one module (e.g. [q_proj,v_proj])"))
     return out
 
 

@@ -43,6 +43,7 @@ class BuildResult:
     manifest: Manifest
     stages: tuple[StageRecord, ...]
     seconds: float
+    base: ArtifactRef | None = None  # an adapter build: the base artifact (ref and manifest are the adapter's)
 
     @property
     def uri(self) -> str:
@@ -84,6 +85,11 @@ def run_build(cfg: BuildConfig) -> BuildResult:
     manifest = assemble_manifest(cfg, source, final, stages)
     record = _build_record(source, stages, time.monotonic() - start) | record_extra
     ref = ops.publish(final.path, manifest, store_uri, tags=cfg.publish.tags, record=record)
+    if cfg.adapter.source is not None:
+        from build.adapter import package_adapter
+
+        adapter_ref, adapter = package_adapter(cfg, final, manifest, cache, store_uri)
+        return BuildResult(adapter_ref, adapter, tuple(stages), time.monotonic() - start, base=ref)
     return BuildResult(ref=ref, manifest=manifest, stages=tuple(stages), seconds=time.monotonic() - start)
 
 
