@@ -15,6 +15,7 @@ from typing import Any
 
 from artifacts.errors import ArtifactError
 from runtime import engines, process
+from runtime.adapters import AdapterRequestError, Adapters, Base
 from runtime.config import (
     ConfigError,
     Entry,
@@ -30,7 +31,7 @@ from runtime.config import (
     redirect,
     resolve_config,
 )
-from runtime.engines.base import model_config_int
+from runtime.engines.base import Engine, model_config_int
 from runtime.host import Host, TargetMismatchError, detect
 from runtime.metrics import Metrics
 from runtime.resolve import ResolvedModel, resolve
@@ -103,10 +104,33 @@ def configure(
             plan = with_precompiled(plan, model, resolved)
     except TargetMismatchError as exc:
         problems.append(f"this artifact cannot run here: {exc}")
+    if plan is not None:
+        problems += lora_problems(resolved, plan)
     if problems:
         raise ConfigError(problems)
     assert plan is not None
     return Startup(model, location, resolved, plan, template)
+
+
+def lora_problems(resolved: Resolved, plan: Plan) -> list[str]:
+    """LoRA settings that cannot work: an engine without adapters, a cache smaller than the batch, adapters listed
+    while LoRA is off."""
+    cfg, out = resolved.config, []
+    if cfg.adapters and not cfg.enable_lora:
+        out.append(f"{resolved.origin('adapters')}: adapters are listed but enable_lora is false; set enable_lora=true")
+    if not cfg.enable_lora:
+        return out
+    if not plan.spec.serves_adapters:
+        out.append(
+            f"{resolved.origin('enable_lora')}=true: the {plan.spec.name} engine does not serve LoRA adapters; "
+            "serve an artifact built for target.engine=vllm"
+        )
+    if cfg.max_cpu_loras is not None and cfg.max_cpu_loras < cfg.max_loras:
+        out.append(
+            f"{resolved.origin('max_cpu_loras')}={cfg.max_cpu_loras}: less than max_loras={cfg.max_loras} (the "
+            "host-memory cache must hold a whole batch's adapters)"
+        )
+    return out
 
 
 def _early_flag(key: str, entries: list[Entry]) -> bool:
@@ -167,17 +191,39 @@ async def load_service(startup: Startup, metrics: Metrics) -> ModelService:
     log.info("starting %s engine for %s on %s", plan.spec.name, model.name, plan.settings.device)
     await engine.start()
     tokenizer = AutoTokenizer.from_pretrained(str(model.path))
+    served = cfg.served_model_name or model.name
+    loras = await _startup_adapters(startup, engine, served) if cfg.enable_lora else None
     return ModelService(
         engine,
         tokenizer,
-        cfg.served_model_name or model.name,
+        served,
         GenerationDefaults.from_config(_generation_config(model.path)),
         chat_template=startup.template,
         options=ServiceOptions(cfg.predict_timeout, cfg.output_formatter, cfg.tgi_compat),
         metrics=metrics,
         root=str(model.path),
         vocab_size=model_config_int(model.path, "vocab_size"),
+        adapters=loras,
     )
+
+
+async def _startup_adapters(startup: Startup, engine: Engine, served: str) -> Adapters:
+    """The adapter registry, holding the configured adapters and the model directory's ``adapters/<name>/``
+    folders (LMI registers those at load too); one that cannot be used stops the start, naming it."""
+    cfg, model = startup.resolved.config, startup.model
+    base = Base(served, model.path, model.manifest.digest if model.manifest else None)
+    registry = Adapters.create(engine, base, cfg.max_lora_rank, cfg.adapter_roots, cfg.allow_pickle)
+    listed = dict(cfg.adapters)
+    folder = model.path / "adapters"
+    for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if sub.is_dir():
+            listed.setdefault(sub.name, str(sub))
+    for name, src in listed.items():
+        try:
+            await registry.register(name, src)
+        except AdapterRequestError as exc:
+            raise ConfigError([f"{startup.resolved.origin('adapters')}: {exc.message}"]) from None
+    return registry
 
 
 def _generation_config(path: Path) -> dict[str, Any]:
@@ -230,7 +276,11 @@ def make_server(startup: Startup) -> tuple[Any, Callable[[], int]]:
     app = create_app(
         load,
         on_fatal,
-        ServerOptions(job_queue_size=cfg.job_queue_size, model_loading_timeout=cfg.model_loading_timeout),
+        ServerOptions(
+            job_queue_size=cfg.job_queue_size,
+            model_loading_timeout=cfg.model_loading_timeout,
+            enable_lora=cfg.enable_lora,
+        ),
     )
     config = uvicorn.Config(
         app,

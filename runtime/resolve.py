@@ -45,7 +45,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "token
 
 def resolve(target: str, revision: str | None = None, allow_pickle: bool = False) -> ResolvedModel:
     path = Path(target).expanduser()
-    if target.startswith("s3://") and not _names_an_artifact(target):
+    if target.startswith("s3://") and not names_an_artifact(target):
         return _from_s3(target, allow_pickle)
     if path.is_dir():
         return _from_dir(path, target)
@@ -83,7 +83,7 @@ def resolve(target: str, revision: str | None = None, allow_pickle: bool = False
     return ResolvedModel(entry, manifest.name, manifest, target)
 
 
-def _names_an_artifact(uri: str) -> bool:
+def names_an_artifact(uri: str) -> bool:
     """``s3://store/llama:latest`` and ``…/llama@sha256:…`` name a kiln artifact; a bare prefix may be either."""
     last = uri.rstrip("/").rpartition("/")[2]
     return "@" in last or ":" in last

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime.api import lmi, openai, tokenize
+from runtime.api import adapters, lmi, openai, tokenize
 from runtime.api.openapi import TOKENIZE_KEYS, body_doc, install_openapi, union_body
 from runtime.api.protocol import ChatCompletionRequest, CompletionRequest, LmiRequest
 from runtime.api.responses import not_served
@@ -48,6 +48,7 @@ class ServerOptions:
 
     job_queue_size: int
     model_loading_timeout: float
+    enable_lora: bool = False  # the adapter management routes (runtime/api/adapters.py)
 
 
 @dataclass
@@ -112,25 +113,26 @@ def create_app(
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         svc = service()
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": svc.served_name,
-                    "object": "model",
-                    "created": svc.created,
-                    "owned_by": "kiln",
-                    "root": svc.root,  # clients (vllm bench serve) load the tokenizer from here
-                    "parent": None,
-                    "max_model_len": svc.engine.max_model_len,
-                    "permission": [_permission(svc.created)],
-                }
-            ],
+        card = {
+            "id": svc.served_name,
+            "object": "model",
+            "created": svc.created,
+            "owned_by": "kiln",
+            "root": svc.root,  # clients (vllm bench serve) load the tokenizer from here
+            "parent": None,
+            "max_model_len": svc.engine.max_model_len,
+            "permission": [_permission(svc.created)],
         }
+        # Adapters as vLLM lists them: their own id, the adapter's source as root, the base as parent.
+        loras = [
+            card | {"id": r.ref.name, "root": r.src, "parent": svc.served_name}
+            for r in (svc.adapters.all() if svc.adapters else [])
+        ]
+        return {"object": "list", "data": [card, *loras]}
 
     @app.post("/v1/chat/completions", response_model=None, openapi_extra=body_doc("ChatCompletionRequest"))
     async def chat(request: Request) -> Any:
-        req = _parse(ChatCompletionRequest, await _json_body(request))
+        req = _parse(ChatCompletionRequest, _with_adapter(request, await _json_body(request)))
         svc = service()
         if req.stream:
             return EventStream(await openai.chat_stream(svc, req), media_type=SSE)
@@ -138,7 +140,7 @@ def create_app(
 
     @app.post("/v1/completions", response_model=None, openapi_extra=body_doc("CompletionRequest"))
     async def completions(request: Request) -> Any:
-        req = _parse(CompletionRequest, await _json_body(request))
+        req = _parse(CompletionRequest, _with_adapter(request, await _json_body(request)))
         svc = service()
         if req.stream:
             return EventStream(await openai.completion_stream(svc, req), media_type=SSE)
@@ -189,7 +191,23 @@ def create_app(
     async def tokenizer_info_route() -> dict[str, Any]:
         return tokenize.tokenizer_info(service())
 
+    if opts.enable_lora:
+        adapters.install(app, service)
     return app
+
+
+ADAPTER_HEADER = "x-amzn-sagemaker-adapter-identifier"
+
+
+def _with_adapter(request: Request, body: Any) -> Any:
+    """SageMaker names an inference component's adapter in a header; like SageMaker's container standards, put it
+    into the body: the OpenAI ``model``, or LMI's ``adapters`` for an LMI body."""
+    name = request.headers.get(ADAPTER_HEADER)
+    if not name or not isinstance(body, dict):
+        return body
+    if "inputs" in body and "messages" not in body and "prompt" not in body:
+        return body | {"adapters": name}
+    return body | {"model": name}
 
 
 def _permission(created: int) -> dict[str, Any]:
@@ -283,6 +301,7 @@ async def _invoke(svc: ModelService, request: Request) -> Any:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     request.state.lmi = "inputs" in body and "messages" not in body and "prompt" not in body
+    body = _with_adapter(request, body)
     if "messages" in body:
         chat_req = _parse(ChatCompletionRequest, body)
         if chat_req.stream:

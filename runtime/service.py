@@ -17,7 +17,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.adapters import Adapters
 from runtime.engines.base import (
+    AdapterRef,
     Engine,
     EngineDeadError,
     EngineError,
@@ -108,6 +110,7 @@ class ModelService:
         metrics: Metrics | None = None,
         root: str = "",
         vocab_size: int | None = None,
+        adapters: Adapters | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -121,13 +124,32 @@ class ModelService:
         self.vocab_size = max(vocab_size or 0, len(tokenizer))
         self.created = int(time.time())
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        self.adapters = adapters  # None: LoRA is off (enable_lora=false)
 
     # -- prompts -------------------------------------------------------------------------------------------
-    def check_model(self, requested: str | None) -> None:
-        if requested and requested != self.served_name:
-            raise APIError(
-                404, f"The model `{requested}` does not exist. This server serves `{self.served_name}`.", param="model"
-            )
+    def check_model(self, requested: str | None) -> AdapterRef | None:
+        """The OpenAI ``model`` field: the base (None), a registered adapter, or 404 as vLLM answers."""
+        if not requested or requested == self.served_name:
+            return None
+        if self.adapters is not None and (reg := self.adapters.get(requested)) is not None:
+            return reg.ref
+        known = [self.served_name, *(r.ref.name for r in self.adapters.all())] if self.adapters else []
+        served = f"one of {', '.join(f'`{k}`' for k in known)}" if len(known) > 1 else f"`{self.served_name}`"
+        raise APIError(404, f"The model `{requested}` does not exist. This server serves {served}.", param="model")
+
+    def model_name(self, spec: SamplingSpec) -> str:
+        """The ``model`` a response names: the adapter the request ran with, else the served model."""
+        return spec.adapter.name if spec.adapter is not None else self.served_name
+
+    def adapter(self, name: str, param: str) -> AdapterRef | None:
+        """An LMI ``adapters`` name ("" is the base model); an unregistered one is 424, as LMI answers."""
+        if not name:
+            return None
+        if self.adapters is not None and (reg := self.adapters.get(name)) is not None:
+            return reg.ref
+        loaded = ", ".join(r.ref.name for r in self.adapters.all()) if self.adapters else ""
+        why = f"registered: {loaded}" if loaded else "no LoRA adapters are registered on this server"
+        raise APIError(424, f"Adapter {name!r} is not registered ({param}); {why}", param=param)
 
     def render_chat(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **template_kwargs: Any
@@ -197,6 +219,19 @@ class ModelService:
         """Run one request in the engine. The request is aborted in the engine when ``predict_timeout`` (counted
         from ``arrived``) passes, and when this iterator is closed or cancelled before the engine finished."""
         request_id = uuid.uuid4().hex
+        adapter = spec.adapter
+        if adapter is not None and (self.adapters is None or not self.adapters.acquire(adapter)):
+            raise APIError(404, f"adapter {adapter.name!r} was unregistered before this request started")
+        try:
+            async for out in self._stream(request_id, prompt_ids, spec, arrived):
+                yield out
+        finally:
+            if adapter is not None and self.adapters is not None:
+                await asyncio.shield(self.adapters.release(adapter))
+
+    async def _stream(
+        self, request_id: str, prompt_ids: list[int], spec: SamplingSpec, arrived: float
+    ) -> AsyncIterator[EngineOutput]:
         loop = asyncio.get_running_loop()
         timer = RequestTimer(self.metrics, arrived)
         expired = False

@@ -14,7 +14,7 @@ from artifacts.prequantized import FormatError, identify_dir
 from artifacts.targets import runs_on
 from runtime import engines
 from runtime.config.schema import ServeConfig
-from runtime.engines.base import EngineDefault, EngineSettings, EngineSpec
+from runtime.engines.base import EngineDefault, EngineSettings, EngineSpec, LoraSettings
 from runtime.host import Host, TargetMismatchError, check_target
 
 
@@ -58,9 +58,15 @@ def derive(model_dir: Path, target: Target | None, cfg: ServeConfig, host: Host)
         enable_chunked_prefill=cfg.enable_chunked_prefill,
         kv_cache_gib=cfg.kv_cache_gib,
         extra=dict(cfg.engine_args),
+        lora=_lora(cfg),
     )
     chosen = spec.defaults(settings)
     return Plan(spec, replace(settings, **{k: d.value for k, d in chosen.items()}), chosen, quantization)
+
+
+def _lora(cfg: ServeConfig) -> LoraSettings | None:
+    """LoRA sizing, when adapters are enabled (runtime/app.py: lora_problems checked the values)."""
+    return LoraSettings(cfg.max_loras, cfg.max_lora_rank, cfg.max_cpu_loras) if cfg.enable_lora else None
 
 
 def _plain_dir_engine(name: str) -> EngineSpec:

@@ -30,7 +30,7 @@ from typing import Any
 
 from runtime.api.protocol import LmiParameters, LmiRequest
 from runtime.api.wire import wire_logprob
-from runtime.engines.base import STRUCTURED_CONSTRAINTS, SamplingSpec, SeqDelta, TokenInfo
+from runtime.engines.base import STRUCTURED_CONSTRAINTS, AdapterRef, SamplingSpec, SeqDelta, TokenInfo
 from runtime.errors import APIError
 from runtime.service import Generation, ModelService
 
@@ -45,7 +45,7 @@ GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choi
 
 def prepare(svc: ModelService, req: LmiRequest) -> tuple[list[int], SamplingSpec]:
     p = req.parameters
-    _check_adapters(req)
+    adapter = _adapter(svc, req)
     _check_supported(req)
     structured, structured_param = _structured(p)
     ids = svc.encode(req.inputs, param="inputs")
@@ -76,6 +76,7 @@ def prepare(svc: ModelService, req: LmiRequest) -> tuple[list[int], SamplingSpec
         include_stop_str_in_output=bool(p.include_stop_str_in_output),
         skip_special_tokens=p.skip_special_tokens is not False,
         structured=structured,
+        adapter=adapter,
     )
 
     def name(engine_name: str) -> str:
@@ -102,18 +103,22 @@ def _lmi_name(name: str) -> str:
     return "parameters." + LMI_NAMES.get(name, name)
 
 
-def _check_adapters(req: LmiRequest) -> None:
-    """LMI's per-request LoRA adapter (``"adapters"`` beside ``inputs``, or in ``parameters``; "" is the base
-    model). kiln loads no adapters, so any named one is unknown: 424, as LMI answers an unregistered adapter."""
+def _adapter(svc: ModelService, req: LmiRequest) -> AdapterRef | None:
+    """LMI's per-request LoRA adapter: ``"adapters"`` beside ``inputs`` or in ``parameters`` ("" is the base
+    model; a list holds one name per input, and a rolling-batch request has one input). An unregistered name is
+    424, as LMI answers."""
+    chosen: tuple[str, str] | None = None
     for param, value in (("adapters", req.adapters), ("parameters.adapters", req.parameters.adapters)):
-        named = [a for a in ([value] if isinstance(value, str) else value or []) if a]
-        if named:
-            raise APIError(
-                424,
-                f"Adapter {named[0]!r} is not registered ({param}): this server has no LoRA adapters loaded; "
-                'leave adapters out (or "") for the base model',
-                param=param,
-            )
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise APIError(400, f"{param} lists {len(value)} adapters for 1 input; name one", param=param)
+            value = value[0]
+        if value is None:
+            continue
+        if chosen is not None and chosen[1] != value:
+            raise APIError(400, f"adapters={chosen[1]!r} and {param}={value!r} disagree; keep one", param=param)
+        chosen = (param, value)
+    return svc.adapter(chosen[1], chosen[0]) if chosen else None
 
 
 def _check_supported(req: LmiRequest) -> None:

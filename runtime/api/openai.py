@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from runtime.api.protocol import ChatCompletionRequest, CompletionRequest, _OpenAISampling
@@ -96,7 +96,7 @@ def _structured(req: _OpenAISampling) -> dict[str, Any] | None:
 
 # -- OpenAI chat ---------------------------------------------------------------------------------------
 def prepare_chat(svc: ModelService, req: ChatCompletionRequest) -> tuple[list[int], SamplingSpec]:
-    svc.check_model(req.model)
+    adapter = svc.check_model(req.model)
     _check_tools(req)
     if req.continue_final_message and req.add_generation_prompt:
         raise APIError(
@@ -128,7 +128,8 @@ def prepare_chat(svc: ModelService, req: ChatCompletionRequest) -> tuple[list[in
     prompt_lp = (
         req.prompt_logprobs if req.prompt_logprobs is not None else ((req.top_logprobs or 0) if req.echo else None)
     )
-    return ids, openai_spec(svc, req, max_tokens, logprobs, chat=True, prompt_logprobs=prompt_lp)
+    spec = openai_spec(svc, req, max_tokens, logprobs, chat=True, prompt_logprobs=prompt_lp)
+    return ids, replace(spec, adapter=adapter)
 
 
 def _role(req: ChatCompletionRequest) -> str:
@@ -176,7 +177,7 @@ async def chat(svc: ModelService, req: ChatCompletionRequest) -> dict[str, Any]:
         "id": _id("chatcmpl"),
         "object": "chat.completion",
         "created": int(time.time()),
-        "model": svc.served_name,
+        "model": svc.model_name(spec),
         "choices": choices,
         "usage": _usage(gen.prompt_tokens, gen.completion_tokens),
     }
@@ -201,7 +202,7 @@ async def _chat_events(
     rid, created = _id("chatcmpl"), int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     continuous = include_usage and bool(req.stream_options and req.stream_options.continuous_usage_stats)
-    head = _head(rid, "chat.completion.chunk", created, svc.served_name)
+    head = _head(rid, "chat.completion.chunk", created, svc.model_name(spec))
     k, as_ids, prompt_tokens = spec.logprobs or 0, req.return_tokens_as_token_ids, len(ids)
     sent = [0] * spec.n  # tokens sent per choice
     finished = [False] * spec.n
@@ -256,7 +257,7 @@ class Job:
 
 
 def prepare_completion(svc: ModelService, req: CompletionRequest) -> list[Job]:
-    svc.check_model(req.model)
+    adapter = svc.check_model(req.model)
     echo_only = req.echo and req.max_tokens == 0
     if req.max_tokens == 0 and not req.echo:
         raise APIError(
@@ -269,7 +270,7 @@ def prepare_completion(svc: ModelService, req: CompletionRequest) -> list[Job]:
         ids = _truncated(svc.encode(prompt), svc, req.truncate_prompt_tokens)
         # The engine generates one token for a prompt-only request (it cannot generate none); it is not shown.
         max_tokens = svc.budget(ids, 1 if echo_only else req.max_tokens)
-        spec = openai_spec(svc, req, max_tokens, req.logprobs, prompt_logprobs=prompt_lp)
+        spec = replace(openai_spec(svc, req, max_tokens, req.logprobs, prompt_logprobs=prompt_lp), adapter=adapter)
         # echo repeats a text prompt as sent, truncated or not (as vLLM does), token ids as decoded
         text = prompt if isinstance(prompt, str) else svc.tokenizer.decode(ids)
         jobs.append(Job(text, ids, spec, echo_only))
@@ -305,7 +306,7 @@ async def completion(svc: ModelService, req: CompletionRequest) -> dict[str, Any
         "id": _id("cmpl"),
         "object": "text_completion",
         "created": int(time.time()),
-        "model": svc.served_name,
+        "model": svc.model_name(jobs[0].spec),
         "choices": choices,
         "usage": _usage(sum(g.prompt_tokens for g in gens), sum(g.completion_tokens for g in gens)),
     }
@@ -327,7 +328,7 @@ async def _completion_events(
     rid, created = _id("cmpl"), int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     continuous = include_usage and bool(req.stream_options and req.stream_options.continuous_usage_stats)
-    head = _head(rid, "text_completion", created, svc.served_name)
+    head = _head(rid, "text_completion", created, svc.model_name(jobs[0].spec))
     n = req.n
     offsets, sent = [0] * (n * len(jobs)), [0] * (n * len(jobs))
     echoed, ids_sent = [False] * (n * len(jobs)), [False] * (n * len(jobs))

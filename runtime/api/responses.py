@@ -239,13 +239,21 @@ NOT_SERVED: dict[str, str] = {
     r"/v1/audio/.*": f"speech-to-text is not served; {_GENERATION}",
     r"/cohere/.*": f"the Cohere API is not served; {_GENERATION}",
     r"/inference/v1/generate": f"token-in/token-out generation is not served; {_GENERATION}, or POST /invocations",
-    r"/v1/(load|unload)_lora_adapter": "LoRA adapters are not served: kiln serves one artifact, its weights merged",
 }
+# The adapter management routes exist only with enable_lora=true.
+LORA_ROUTES = re.compile(r"/adapters(/.*)?|/models/[^/]+/adapters(/.*)?|/v1/(load|unload)_lora_adapter")
+LORA_OFF = (
+    "LoRA adapters are off on this server: start it with enable_lora=true (option.enable_lora, "
+    "SM_VLLM_ENABLE_LORA=true) to register adapters"
+)
 _NOT_SERVED = [(re.compile(p), message) for p, message in NOT_SERVED.items()]
 
 
 def not_served(path: str) -> str | None:
-    """The 404 message for a vLLM route kiln does not serve (naming what it serves instead); None for others."""
+    """The 404 message for a vLLM route kiln does not serve (naming what it serves instead), or for an adapter
+    route while LoRA is off; None for others."""
+    if LORA_ROUTES.fullmatch(path):
+        return f"{path}: {LORA_OFF}"
     for pattern, message in _NOT_SERVED:
         if pattern.fullmatch(path):
             return f"{path} is a vLLM route that kiln does not serve: {message}"

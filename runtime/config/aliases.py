@@ -43,6 +43,11 @@ ENV_ALIASES: dict[str, tuple[str, int]] = {
     "PREDICT_TIMEOUT": ("predict_timeout", 0),
     "MODEL_LOADING_TIMEOUT": ("model_loading_timeout", 0),
     "SAGEMAKER_BIND_TO_PORT": ("port", 0),
+    # SageMaker inference components start a LoRA-serving base with these (vLLM DLC spellings)
+    "SM_VLLM_ENABLE_LORA": ("enable_lora", 1),
+    "SM_VLLM_MAX_LORA_RANK": ("max_lora_rank", 1),
+    "SM_VLLM_MAX_LORAS": ("max_loras", 1),
+    "SM_VLLM_MAX_CPU_LORAS": ("max_cpu_loras", 1),
 }
 # SageMaker sets SM_NUM_GPUS on every instance: a fact about the host, used only when no artifact fixes the degree.
 HOST_HINTS = {"SM_NUM_GPUS": "tensor_parallel_degree"}
@@ -69,7 +74,7 @@ IGNORED: dict[str, str] = {
     "load_models": "the server serves the one model it was started with",
     "model_store": "the server serves the one model it was started with",
     "inference_address": "use host and port",
-    "management_address": "kiln has no management API",
+    "management_address": "the adapter routes share the inference address",
     "prometheus": "/metrics is always served",
 }
 

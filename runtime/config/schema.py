@@ -8,11 +8,12 @@ cache on CPU) are left None here and filled by the engine's ``defaults`` hook (r
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from artifacts.errors import KilnError
 
@@ -69,7 +70,47 @@ class ServeConfig(BaseModel):
         description="fetch pickle weights (*.bin, *.pt) from a plain S3 checkpoint that has no safetensors (loading "
         "pickle can run code: allow it only for checkpoints you trust)",
     )
+    enable_lora: bool = Field(
+        False,
+        description="serve LoRA adapters: the adapter routes (/adapters, /models/{model}/adapters, "
+        "/v1/load_lora_adapter) and per-request adapters (SageMaker: SM_VLLM_ENABLE_LORA)",
+    )
+    max_loras: int = Field(4, ge=1, description="LoRA adapters in one batch (LMI's default)")
+    max_lora_rank: int = Field(16, ge=1, description="the largest LoRA rank accepted (vLLM: 1, 8, 16, 32, 64 …)")
+    max_cpu_loras: int | None = Field(
+        None, ge=1, description="LoRA adapters kept loaded in host memory (default: the engine's, max_loras in vLLM)"
+    )
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters registered at start, name=src[,name=src…] (src: an adapter directory or an "
+        "adapter artifact URI); the model directory's adapters/<name>/ folders are registered too",
+    )
+    adapter_roots: list[str] = Field(
+        default_factory=list,
+        description="directories a local adapter src may lie in (comma-separated), beside /opt/ml and the model "
+        "directory's adapters/ folder; artifact URIs are verified instead",
+    )
     engine_args: dict[str, Any] = Field(default_factory=dict, description="engine-native keys passed through")
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _adapter_pairs(cls, value: Any) -> Any:
+        """Text sources give ``name=src,name=src`` (or a JSON object)."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("{"):
+            return json.loads(text)
+        pairs = [p.partition("=") for p in text.split(",") if p.strip()]
+        bad = [name for name, sep, src in pairs if not sep or not name.strip() or not src.strip()]
+        if bad:
+            raise ValueError(f"expected name=src pairs separated by commas, got {bad[0]!r}")
+        return {name.strip(): src.strip() for name, _, src in pairs}
+
+    @field_validator("adapter_roots", mode="before")
+    @classmethod
+    def _roots(cls, value: Any) -> Any:
+        return [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
 
 
 FIELDS = set(ServeConfig.model_fields) - {"engine_args"}

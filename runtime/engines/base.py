@@ -45,6 +45,26 @@ class EngineRequestError(EngineError):
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter as an engine sees it: ``id`` is unique for the server's lifetime (a name registered again
+    gets a new one), ``path`` a verified local PEFT directory (runtime/adapters.py checked it)."""
+
+    name: str
+    id: int
+    path: Path
+    rank: int
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """How many adapters an engine keeps and how large they may be (LMI's and vLLM's option names)."""
+
+    max_loras: int  # adapters in one batch
+    max_lora_rank: int
+    max_cpu_loras: int | None = None  # adapters cached in host memory (None: the engine's default)
+
+
+@dataclass(frozen=True)
 class SamplingSpec:
     """Engine-neutral sampling parameters (already validated by the HTTP layer)."""
 
@@ -70,6 +90,7 @@ class SamplingSpec:
     # "json_object", "regex", …) plus options such as "disable_any_whitespace". None: unconstrained.
     structured: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # engine-specific pass-through
+    adapter: AdapterRef | None = None  # the LoRA adapter the request runs with (None: the base model)
 
 
 @dataclass(frozen=True)
@@ -126,6 +147,7 @@ class EngineSettings:
     device: str = "cpu"
     extra: Mapping[str, Any] = field(default_factory=dict)  # engine-native keys passed through
     compile_cache: Path | None = None  # writable copy of the artifact's precompiled cache (runtime/compile_cache.py)
+    lora: LoraSettings | None = None  # None: LoRA adapters disabled (enable_lora=false)
 
 
 class Engine(Protocol):
@@ -147,6 +169,15 @@ class Engine(Protocol):
         ...
 
     async def abort(self, request_id: str) -> None: ...
+
+    async def add_adapter(self, adapter: AdapterRef, pin: bool = False) -> None:
+        """Load a LoRA adapter for requests naming it (only called when ``settings.lora`` is set and the spec says
+        ``serves_adapters``); raise EngineRequestError when the engine refuses it."""
+        ...
+
+    async def remove_adapter(self, adapter: AdapterRef) -> None:
+        """Drop a loaded adapter; called once no request uses it any more."""
+        ...
 
     async def check_health(self) -> None:
         """Raise EngineDeadError when the engine can no longer serve."""
@@ -213,6 +244,7 @@ class EngineSpec:
     # Import the engine's heavy libraries ahead of ``create(...).start()``; serve runs it while the weights of a
     # plain S3 checkpoint still download, so the two overlap.
     preload: Callable[[], None] = lambda: None
+    serves_adapters: bool = False  # the engine implements add_adapter / remove_adapter (LoRA)
 
     def cannot_run(self, quantization: str, device: str, cpu_flags: frozenset[str]) -> str | None:
         """Why this engine's kernels cannot run ``quantization`` on ``device`` here (None: they can)."""

@@ -37,4 +37,5 @@ SPEC = EngineSpec(
     native_keys=lambda: set(KEYS),
     native_args=lambda s: dict(s.extra),
     defaults=_defaults,
+    serves_adapters=True,
 )

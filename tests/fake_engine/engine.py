@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from runtime.engines.base import (
+    AdapterRef,
     EngineDeadError,
     EngineError,
     EngineOutput,
@@ -40,6 +41,8 @@ class FakeEngine:
         self.aborted: set[str] = set()
         self.requests = 0  # every request the engine saw (tests count them)
         self.last_spec: SamplingSpec | None = None  # the spec of the latest request (tests look at what arrived)
+        self.adapters: dict[int, AdapterRef] = {}  # loaded LoRA adapters by id
+        self.removed: list[str] = []  # names of the adapters removed, in order
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -65,6 +68,8 @@ class FakeEngine:
             rng = random.Random()
             return [FIRST_ID + rng.randrange(span) for _ in range(spec.max_tokens)]
         base = sum(prompt_ids) * 31 + index * 977 + (spec.seed or 0) * 7919 * (spec.temperature > 0)
+        if spec.adapter is not None:  # an adapter changes the output, by its name (as its weights would)
+            base += 104729 * (1 + sum(map(ord, spec.adapter.name)))
         return [FIRST_ID + (base + 17 * i * i + 5 * i) % span for i in range(spec.max_tokens)]
 
     async def generate(self, request_id: str, prompt_ids: list[int], spec: SamplingSpec) -> AsyncIterator[EngineOutput]:
@@ -98,6 +103,13 @@ class FakeEngine:
         finally:
             self.running.discard(request_id)
             self.aborted.discard(request_id)
+
+    async def add_adapter(self, adapter: AdapterRef, pin: bool = False) -> None:
+        self.adapters[adapter.id] = adapter
+
+    async def remove_adapter(self, adapter: AdapterRef) -> None:
+        self.adapters.pop(adapter.id, None)
+        self.removed.append(adapter.name)
 
     async def abort(self, request_id: str) -> None:
         if request_id in self.running:

@@ -22,6 +22,7 @@ from typing import Any
 
 from runtime.engines.base import (
     GIB,
+    AdapterRef,
     EngineDeadError,
     EngineError,
     EngineOutput,
@@ -208,6 +209,13 @@ class TransformersEngine:
         with router._lock:
             for rid in rids:
                 router.result_handlers.pop(rid, None)
+
+    async def add_adapter(self, adapter: AdapterRef, pin: bool = False) -> None:
+        # Not reached: the spec does not say serves_adapters, so enable_lora=true is refused at start-up.
+        raise EngineRequestError("the transformers engine does not serve LoRA adapters (use the vllm engine)")
+
+    async def remove_adapter(self, adapter: AdapterRef) -> None:
+        return None
 
     async def abort(self, request_id: str) -> None:
         """End the request: its generate() yields a final "abort" output and cancels its sequences."""

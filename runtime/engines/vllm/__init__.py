@@ -121,4 +121,5 @@ SPEC = EngineSpec(
     },
     compile=_Compile(),
     preload=_preload,
+    serves_adapters=True,
 )

@@ -15,6 +15,7 @@ from typing import Any
 
 from runtime.engines.base import (
     GIB,
+    AdapterRef,
     EngineDeadError,
     EngineError,
     EngineOutput,
@@ -50,6 +51,10 @@ def engine_kwargs(s: EngineSettings) -> dict[str, Any]:
         kwargs["enable_chunked_prefill"] = s.enable_chunked_prefill
     if s.kv_cache_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gib * GIB)
+    if s.lora is not None:
+        kwargs |= {"enable_lora": True, "max_loras": s.lora.max_loras, "max_lora_rank": s.lora.max_lora_rank}
+        if s.lora.max_cpu_loras is not None:
+            kwargs["max_cpu_loras"] = s.lora.max_cpu_loras
     kwargs.update(s.extra)
     return kwargs
 
@@ -143,8 +148,10 @@ class VllmEngine:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
 
         params = self._sampling_params(spec)
+        lora = _lora_request(spec.adapter) if spec.adapter is not None else None
+        prompt = TokensPrompt(prompt_token_ids=prompt_ids)
         try:
-            async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
+            async for out in self._llm.generate(prompt, params, request_id, lora_request=lora):
                 yield _convert(out, spec.logprobs or 0, spec.prompt_logprobs or 0)
         except VllmDead as exc:
             raise EngineDeadError(str(exc) or "the vLLM engine died") from exc
@@ -190,6 +197,21 @@ class VllmEngine:
         except (ValueError, TypeError, VLLMValidationError) as exc:
             raise EngineRequestError(str(exc), getattr(exc, "parameter", None)) from exc
 
+    async def add_adapter(self, adapter: AdapterRef, pin: bool = False) -> None:
+        """vLLM loads the adapter's weights in its engine core now (a broken adapter fails here, not on the first
+        request); it may evict it from memory later and reload it from ``path`` when a request names it."""
+        try:
+            await self._llm.add_lora(_lora_request(adapter))
+            if pin:
+                await self._llm.pin_lora(adapter.id)
+        except Exception as exc:  # vLLM reports a bad adapter as ValueError, RuntimeError or its own types
+            if self._llm.errored:
+                raise EngineDeadError(str(self._llm.dead_error)) from exc
+            raise EngineRequestError(f"vLLM could not load adapter {adapter.name!r}: {exc}", "src") from exc
+
+    async def remove_adapter(self, adapter: AdapterRef) -> None:
+        await self._llm.remove_lora(adapter.id)
+
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
             await self._llm.abort(request_id)
@@ -224,6 +246,12 @@ class VllmEngine:
             # fails noisily if it first runs during interpreter teardown.
             del llm
             gc.collect()
+
+
+def _lora_request(adapter: AdapterRef) -> Any:
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.id, lora_path=str(adapter.path))
 
 
 def _convert(out: Any, k: int, k_prompt: int) -> EngineOutput:
