@@ -110,6 +110,26 @@ def tiny_uri() -> str:
     return build()
 
 
+def adapter_build(*overrides: str) -> tuple[str, str]:
+    """(base URI, adapter URI) of an adapter build."""
+    proc = run_cli("build", "adapter.source=kiln:tiny-lora", *overrides)
+    assert proc.returncode == 0, proc.stderr
+    base, adapter = proc.stdout.strip().splitlines()[-2:]
+    return base, adapter
+
+
+@pytest.fixture(scope="session")
+def lora_uris(tiny_uri: str) -> dict[str, str]:
+    """Two rank-8 adapters for the tiny model (seeds 0 and 1), one of rank 32, one for a narrower model."""
+    out = {}
+    for seed in (0, 1):
+        base, out[f"lora{seed}"] = adapter_build(f"adapter.synth.seed={seed}")
+        assert base == tiny_uri  # the adapter build made (reused) the same base
+    out["rank32"] = adapter_build("adapter.synth.rank=32", "adapter.name=rank32")[1]
+    out["narrow"] = adapter_build("model.name=tiny-narrow", "model.synth.hidden_size=128", "adapter.name=narrow")[1]
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_uri(tiny_uri: str) -> str:
     """The tiny model built for the transformers engine (target.engine=transformers)."""

@@ -27,26 +27,6 @@ PROMPT = "The quick brown fox"
 HEADER = "X-Amzn-SageMaker-Adapter-Identifier"
 
 
-def adapter_build(*overrides: str) -> tuple[str, str]:
-    """(base URI, adapter URI) of an adapter build."""
-    proc = run_cli("build", "adapter.source=kiln:tiny-lora", *overrides)
-    assert proc.returncode == 0, proc.stderr
-    base, adapter = proc.stdout.strip().splitlines()[-2:]
-    return base, adapter
-
-
-@pytest.fixture(scope="session")
-def lora_uris(tiny_uri: str) -> dict[str, str]:
-    """Two rank-8 adapters for the tiny model (seeds 0 and 1), one of rank 32, one for a narrower model."""
-    out = {}
-    for seed in (0, 1):
-        base, out[f"lora{seed}"] = adapter_build(f"adapter.synth.seed={seed}")
-        assert base == tiny_uri  # the adapter build made (reused) the same base
-    out["rank32"] = adapter_build("adapter.synth.rank=32", "adapter.name=rank32")[1]
-    out["narrow"] = adapter_build("model.name=tiny-narrow", "model.synth.hidden_size=128", "adapter.name=narrow")[1]
-    return out
-
-
 @pytest.fixture(scope="module")
 def roots(lora_uris: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The adapters pulled into one allowed root (each a verified artifact directory)."""
@@ -379,3 +359,15 @@ def test_a_broken_startup_adapter_stops_the_start_naming_it(tiny_dir: Path, root
             asyncio.run(load_service(startup, Metrics(lambda: None)))
     finally:
         engines.ENGINES.pop("fake", None)
+
+
+def test_vllm_on_cpu_reserves_a_slot_for_the_base_models_null_adapter(tmp_path: Path) -> None:
+    from runtime.engines.base import EngineSettings, LoraSettings
+    from runtime.engines.vllm.engine import engine_kwargs
+
+    lora = LoraSettings(max_loras=2, max_lora_rank=8, max_cpu_loras=4)
+    cpu = engine_kwargs(EngineSettings(model_dir=tmp_path, device="cpu", lora=lora))
+    assert (cpu["enable_lora"], cpu["max_loras"], cpu["max_cpu_loras"], cpu["max_lora_rank"]) == (True, 3, 5, 8)
+    gpu = engine_kwargs(EngineSettings(model_dir=tmp_path, device="cuda", lora=lora))
+    assert (gpu["max_loras"], gpu["max_cpu_loras"]) == (2, 4)
+    assert "enable_lora" not in engine_kwargs(EngineSettings(model_dir=tmp_path))

