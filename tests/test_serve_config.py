@@ -128,13 +128,13 @@ def test_all_problems_in_one_message(tmp_path: Path) -> None:
 
 @pytest.mark.unit
 def test_engine_native_keys_pass_through_only_when_accepted(tmp_path: Path) -> None:
-    p = props(tmp_path, "option.max_rolling_batch_prefill_tokens=512\noption.enable_lora=true\n")
-    r = resolve_config(Sources(properties=p), manifest().target, accepts("max_num_batched_tokens", "enable_lora"))
-    assert r.config.engine_args == {"max_num_batched_tokens": 512, "enable_lora": True}
+    p = props(tmp_path, "option.max_rolling_batch_prefill_tokens=512\noption.lora_dtype=float32\n")
+    r = resolve_config(Sources(properties=p), manifest().target, accepts("max_num_batched_tokens", "lora_dtype"))
+    assert r.config.engine_args == {"max_num_batched_tokens": 512, "lora_dtype": "float32"}
     assert str(r.origin("engine_args.max_num_batched_tokens")) == (
         "serving.properties option.max_rolling_batch_prefill_tokens"
     )
-    with pytest.raises(ConfigError, match=r"option.enable_lora: not a kiln setting and not a transformers engine"):
+    with pytest.raises(ConfigError, match=r"option.lora_dtype: not a kiln setting and not a transformers engine"):
         resolve_config(Sources(properties=p), manifest(engine="transformers").target, accepts("max_num_batched_tokens"))
 
 
@@ -409,3 +409,19 @@ def test_startup_problems_are_reported_together(tiny_dir: Path) -> None:
     assert "cli --chat-template='/no/such/template.jinja': no such file" in text
     assert "cli --option max_num_seqs='0': Input should be greater than or equal to 1" in text
     assert "target.tensor_parallel_degree: 64 cpu devices wanted" in text
+
+
+@pytest.mark.unit
+def test_lora_settings_from_lmi_and_sagemaker_names(tmp_path: Path) -> None:
+    p = props(tmp_path, "option.enable_lora=true\noption.max_loras=2\noption.adapters=a=/opt/ml/a, b=s3://x/b:v1\n")
+    env, _ = read_env({"SM_VLLM_MAX_LORA_RANK": "32", "SM_VLLM_MAX_CPU_LORAS": "8"})
+    r = resolve_config(Sources(properties=p, env=env), manifest().target)
+    c = r.config
+    assert (c.enable_lora, c.max_loras, c.max_lora_rank, c.max_cpu_loras) == (True, 2, 32, 8)
+    assert c.adapters == {"a": "/opt/ml/a", "b": "s3://x/b:v1"}
+    assert c.engine_args == {}  # kiln settings now, not vLLM pass-through
+    env, _ = read_env({"SM_VLLM_ENABLE_LORA": "true", "OPTION_ENABLE_LORA": "false"})
+    with pytest.raises(ConfigError, match="set the same setting"):
+        resolve_config(Sources(env=env), manifest().target)
+    with pytest.raises(ConfigError, match="adapters.*expected name=src pairs"):
+        resolve_config(Sources(properties=props(tmp_path, "option.adapters=just-a-path\n")), manifest().target)
