@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.errors import KilnError
+from artifacts.tensors import Shape, UnreadableError, read_headers
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt")
 FILES = (CONFIG, WEIGHTS)  # what an adapter artifact holds
 PREFIX = "base_model.model."
-Shape = tuple[int, ...]
 
 
 class AdapterError(KilnError):
@@ -127,22 +127,14 @@ def _int(cfg: Mapping[str, Any], key: str, directory: Path) -> int:
 
 
 def read_header(path: Path) -> dict[str, tuple[Shape, str]]:
-    """name -> (shape, dtype) from a safetensors file's header; a truncated or corrupt file raises AdapterError
-    (safetensors checks that the header's offsets cover the file exactly)."""
-    from safetensors import SafetensorError, safe_open
-
-    out: dict[str, tuple[Shape, str]] = {}
+    """name -> (shape, dtype) from one safetensors file's header; a truncated or corrupt file raises AdapterError."""
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            for name in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                sl = f.get_slice(name)
-                out[name] = (tuple(sl.get_shape()), str(sl.get_dtype()))
-    except (SafetensorError, OSError, ValueError) as exc:
+        return read_headers([path])
+    except UnreadableError as exc:
         raise AdapterError(
-            f"{path}: not a readable safetensors file ({exc}); it may be truncated or corrupt",
+            f"{path}: not a readable safetensors file ({exc.reason}); it may be truncated or corrupt",
             fix="copy the adapter again",
         ) from None
-    return out
 
 
 def _pairs(tensors: Mapping[str, tuple[Shape, str]], path: Path) -> tuple[dict[str, tuple[Shape, Shape]], set[str]]:
@@ -168,10 +160,10 @@ def _pairs(tensors: Mapping[str, tuple[Shape, str]], path: Path) -> tuple[dict[s
 
 def base_tensors(directory: Path) -> dict[str, tuple[Shape, str]]:
     """Every tensor of a base checkpoint directory (all its safetensors files)."""
-    out: dict[str, tuple[Shape, str]] = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        out.update(read_header(path))
-    return out
+    try:
+        return read_headers(sorted(directory.glob("*.safetensors")))
+    except UnreadableError as exc:
+        raise AdapterError(f"the base's {exc.path.name} is not a readable safetensors file ({exc.reason})") from None
 
 
 def check_base(info: AdapterInfo, base: Mapping[str, tuple[Shape, str]], base_name: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.prequantized import MAX_LISTED, FormatError, PreQuantized, check_tensors, first, identify_dir, numel
+from artifacts.tensors import UnreadableError, read_headers
 from build.errors import BuildError
 
 log = logging.getLogger("kiln.build.convert")
@@ -353,7 +354,7 @@ def _copy_prequantized(
             key="model.source",
             fix="a pre-quantized checkpoint is read from safetensors only; copy its *.safetensors files",
         )
-    tensors = _headers(src, files)
+    tensors = _headers(files)
     linears, dense, optional = _unquantized_model(src)
     problems = check_tensors(
         pq, {n: t for n, t in tensors.items() if not n.endswith(IGNORED_TENSOR_SUFFIXES)}, linears, dense, optional
@@ -396,22 +397,14 @@ def _copy_prequantized(
     }
 
 
-def _headers(src: Path, files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+def _headers(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, safetensors dtype) of every tensor, read from the files' headers."""
-    from safetensors import SafetensorError, safe_open
-
-    out: dict[str, tuple[tuple[int, ...], str]] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                    sl = f.get_slice(name)
-                    out[name] = (tuple(sl.get_shape()), str(sl.get_dtype()))
-        except (SafetensorError, OSError) as exc:
-            raise BuildError(
-                "convert", f"{path.name} is not a readable safetensors file: {exc}", key="model.source"
-            ) from exc
-    return out
+    try:
+        return read_headers(files)
+    except UnreadableError as exc:
+        raise BuildError(
+            "convert", f"{exc.path.name} is not a readable safetensors file: {exc.reason}", key="model.source"
+        ) from None
 
 
 def _unquantized_model(src: Path) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, ...]], frozenset[str]]:
