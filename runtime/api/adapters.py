@@ -61,34 +61,30 @@ def install(app: FastAPI, service: Callable[[], ModelService]) -> None:
         return _status(f"Adapter {name} unregistered")
 
     # -- LMI (named model) ---------------------------------------------------------------------------------
+    # -- LMI (named model): the one-model routes, after checking the model's name ----------------------------
     @app.post("/models/{model_name}/adapters", summary="LMI: register a LoRA adapter")
     async def lmi_register(model_name: str, request: Request) -> dict[str, Any]:
-        adapters = registry(request)
+        registry(request)
         model(model_name)
-        args = await _arguments(request)
-        reg = await _call(
-            adapters.register(args.get("name", ""), args.get("src", ""), **_flags(args, preload=True, pin=False))
-        )
-        return _status(f"Adapter {reg.ref.name} registered")
+        return await register(request)
 
     @app.get("/models/{model_name}/adapters", summary="LMI: list the registered adapters")
     async def lmi_list(model_name: str, request: Request) -> dict[str, Any]:
-        adapters = registry(request)
+        registry(request)
         model(model_name)
-        return {"adapters": [r.describe() for r in adapters.all()]}
+        return await list_adapters(request)
 
     @app.get("/models/{model_name}/adapters/{name}", summary="LMI: describe one adapter")
     async def lmi_describe(model_name: str, name: str, request: Request) -> dict[str, Any]:
-        adapters = registry(request)
+        registry(request)
         model(model_name)
-        return _found(adapters, name).describe()
+        return await describe(name, request)
 
     @app.delete("/models/{model_name}/adapters/{name}", summary="LMI: unregister an adapter")
     async def lmi_unregister(model_name: str, name: str, request: Request) -> dict[str, Any]:
-        adapters = registry(request)
+        registry(request)
         model(model_name)
-        await _call(adapters.unregister(name))
-        return _status(f"Adapter {name} unregistered")
+        return await unregister(name, request)
 
     @app.post("/models/{model_name}/adapters/{name}/update", summary="LMI: change an adapter's src or pin")
     async def lmi_update(model_name: str, name: str, request: Request) -> dict[str, Any]:
