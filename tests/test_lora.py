@@ -191,11 +191,23 @@ def test_vllm_load_and_unload(server: FakeServer, roots: Path) -> None:
     assert r.text == "Success: LoRA adapter 'v1' added successfully.", r.text
     r = httpx.post(server.base + "/v1/load_lora_adapter", json=body, timeout=30)
     assert r.status_code == 400, r.text
-    assert "already been loaded" in r.json()["error"]["message"], r.text
+    assert "already been loaded. If you want to load the adapter in place" in r.json()["error"]["message"], r.text
     assert text(complete(server, "v1"))
     r = httpx.post(server.base + "/v1/unload_lora_adapter", json={"lora_name": "v1"}, timeout=30)
     assert r.status_code == 200, r.text
     assert "removed successfully" in r.text, r.text
+    model = httpx.get(server.base + "/v1/models", timeout=10).json()["data"][0]["id"]
+    # vLLM's words for these (vllm/entrypoints/openai/models/serving.py)
+    for bad, message in [
+        ({"lora_name": "v2"}, "Both 'lora_name' and 'lora_path' must be provided."),
+        ({"lora_name": model, "lora_path": "/opt/ml/x"}, f"The lora adapter '{model}' conflicts with a served base"),
+    ]:
+        r = httpx.post(server.base + "/v1/load_lora_adapter", json=bad, timeout=30)
+        assert r.status_code == 400, r.text
+        assert message in r.json()["error"]["message"]
+    r = httpx.post(server.base + "/v1/unload_lora_adapter", json={}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == "'lora_name' needs to be provided to unload a LoRA adapter."
     r = httpx.post(server.base + "/v1/unload_lora_adapter", json={"lora_name": "v1"}, timeout=30)
     assert r.status_code == 404, r.text
     assert r.json()["error"]["param"] == "lora_name", r.text

