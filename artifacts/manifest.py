@@ -17,7 +17,7 @@ from typing import Any
 from artifacts.digest import is_digest, sha256_bytes
 from artifacts.errors import ManifestError
 from artifacts.names import name_problem
-from artifacts.targets import DEVICE_KINDS
+from artifacts.targets import DEVICE_KINDS, task_problem
 
 SCHEMA = "kiln.artifact/v1"
 MANIFEST_NAME = "manifest.json"
@@ -74,19 +74,22 @@ class Target:
     max_model_len: int
     quantization: str = "none"
     compile: Mapping[str, str] = field(default_factory=dict)
+    task: str = "generate"
     unknown: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["devices"] = list(self.devices)
         data["compile"] = dict(self.compile)
+        if self.task == Target.task:
+            del data["task"]
         data.update(data.pop("unknown"))
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Target:
         known = {f for f in cls.__dataclass_fields__ if f != "unknown"}
-        missing = sorted(k for k in known - {"quantization", "compile"} if k not in data)
+        missing = sorted(k for k in known - {"quantization", "compile", "task"} if k not in data)
         if missing:
             raise ManifestError(f"target block is missing {', '.join(missing)}")
         try:
@@ -99,6 +102,7 @@ class Target:
                 max_model_len=int(data["max_model_len"]),
                 quantization=str(data.get("quantization", "none")),
                 compile={str(k): str(v) for k, v in dict(data.get("compile") or {}).items()},
+                task=str(data.get("task", cls.task)),
                 unknown={k: v for k, v in data.items() if k not in known},
             )
         except (TypeError, ValueError) as exc:
@@ -106,6 +110,8 @@ class Target:
         bad = [d for d in target.devices if d not in DEVICE_KINDS]
         if bad or not target.devices:
             raise ManifestError(f"target.devices must be a non-empty subset of {list(DEVICE_KINDS)}, got {bad}")
+        if (why := task_problem(target.task)) is not None:
+            raise ManifestError(f"target.task: {why}")
         return target
 
 

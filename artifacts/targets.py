@@ -11,6 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEVICE_KINDS = ("cpu", "cuda", "neuron")
+# target.task: what the artifact's model does. "generate": text generation (causal LMs); "embed": one vector per
+# input (encoders with a pooling head, served on /v1/embeddings and LMI's embedding schema).
+TASKS = ("generate", "embed")
+# The encoder architectures an embedding artifact may hold (loaded by vLLM's pooling runner and transformers'
+# AutoModel); a plain checkpoint of one of these is served as an embedding model.
+EMBED_ARCHITECTURES = ("BertModel", "RobertaModel", "XLMRobertaModel")
 # Checkpoint dtypes an artifact records (``auto``: as the source checkpoint stores them).
 DTYPES = ("bfloat16", "float16", "float32", "auto")
 # target.quantization: method and the scheme of weights/activations it produces ("none": not quantized).
@@ -62,6 +68,11 @@ def quant_scheme(quantization: str) -> str:
 def runs_on(engine: str, scheme: str) -> EngineTarget:
     """The device kinds whose kernels run ``scheme`` on ``engine`` (the engine's own kinds when not narrowed)."""
     return SCHEME_DEVICES.get((engine, scheme), ENGINES[engine])
+
+
+def task_problem(task: str) -> str | None:
+    """Why ``task`` is not a target task (None: it is)."""
+    return None if task in TASKS else f"unknown task {task!r}; known: {list(TASKS)}"
 
 
 def engine_problem(engine: str) -> str | None:

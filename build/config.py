@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from artifacts.targets import DTYPES, engine_problem
+from artifacts.targets import DTYPES, engine_problem, task_problem
 from build.errors import ConfigError
 
 SYNTH_SCHEME = "kiln:"
@@ -81,8 +81,10 @@ class TargetConfig:
     """Engine the artifact is for and the limits recorded in its target block."""
 
     engine: str = "vllm"
+    task: str = "generate"  # generate | embed (artifacts/targets.py: TASKS)
     tensor_parallel_degree: int = 1
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    # None: the model's max_position_embeddings (an embedding model's sentence-transformers max_seq_length)
+    max_model_len: int | None = None
 
 
 @dataclass
@@ -183,6 +185,7 @@ def _problems(cfg: BuildConfig) -> list[tuple[str, str]]:
     out.extend(("publish.tags", why) for tag in cfg.publish.tags if (why := tag_problem(tag)) is not None)
     if (bad_engine := engine_problem(cfg.target.engine)) is not None:
         out.append(("target.engine", bad_engine))
+    out.extend(_task_problems(cfg))
     if cfg.model.dtype not in DTYPES:
         out.append(("model.dtype", f"{cfg.model.dtype!r} is not one of {list(DTYPES)}"))
     try:
@@ -213,6 +216,27 @@ def _problems(cfg: BuildConfig) -> list[tuple[str, str]]:
 
 
 ADAPTER_SYNTH = "kiln:tiny-lora"
+
+
+def _task_problems(cfg: BuildConfig) -> list[tuple[str, str]]:
+    """An embedding artifact is converted and published as it is: the quantizers' fidelity gates and the compile
+    warm-up measure and exercise text generation, and a LoRA adapter is for a generation model."""
+    if (why := task_problem(cfg.target.task)) is not None:
+        return [("target.task", why)]
+    if cfg.target.task == "generate":
+        return []
+    out = []
+    if cfg.quantize.method != "none":
+        out.append(("quantize", f"target.task={cfg.target.task} artifacts are not quantized; use quantize=none"))
+    if cfg.compile.backend != "none":
+        out.append(("compile", f"target.task={cfg.target.task} artifacts are not precompiled; use compile=none"))
+    if cfg.adapter.source is not None:
+        out.append(("adapter.source", f"LoRA adapters are for target.task=generate, not {cfg.target.task}"))
+    if cfg.model.source.startswith(SYNTH_SCHEME):
+        out.append(
+            ("model.source", f"{cfg.model.source} is a text-generation model; an embedding build needs an encoder")
+        )
+    return out
 
 
 def _adapter_problems(a: AdapterConfig) -> list[tuple[str, str]]:

@@ -62,6 +62,7 @@ def run_build(cfg: BuildConfig) -> BuildResult:
         "check_finite": cfg.convert.check_finite,
         "allow_pickle": cfg.model.allow_pickle,
         "quantize": cfg.quantize.method,
+        "task": cfg.target.task,
     }
     final = run_stage(CONVERT, convert_params, {"source": source.input}, cache, force=cfg.force)
     stages.append(final)
@@ -214,6 +215,7 @@ def build_target(cfg: BuildConfig, stages: list[StageRecord]) -> Target:
         dtype=str(converted.result["dtype"]),
         tensor_parallel_degree=cfg.target.tensor_parallel_degree,
         max_model_len=max_len,
+        task=cfg.target.task,
         **fields,
     )
 

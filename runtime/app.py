@@ -120,7 +120,12 @@ def lora_problems(resolved: Resolved, plan: Plan) -> list[str]:
         out.append(f"{resolved.origin('adapters')}: adapters are listed but enable_lora is false; set enable_lora=true")
     if not cfg.enable_lora:
         return out
-    if not plan.spec.serves_adapters:
+    if plan.settings.task != "generate":
+        out.append(
+            f"{resolved.origin('enable_lora')}=true: LoRA adapters are served for text generation, and this model "
+            f"is for task={plan.settings.task}"
+        )
+    elif not plan.spec.serves_adapters:
         out.append(
             f"{resolved.origin('enable_lora')}=true: the {plan.spec.name} engine does not serve LoRA adapters; "
             "serve an artifact built for target.engine=vllm"
@@ -199,11 +204,12 @@ async def load_service(startup: Startup, metrics: Metrics) -> ModelService:
         served,
         GenerationDefaults.from_config(_generation_config(model.path)),
         chat_template=startup.template,
-        options=ServiceOptions(cfg.predict_timeout, cfg.output_formatter, cfg.tgi_compat),
+        options=ServiceOptions(cfg.predict_timeout, cfg.output_formatter, cfg.tgi_compat, cfg.normalize),
         metrics=metrics,
         root=str(model.path),
         vocab_size=model_config_int(model.path, "vocab_size"),
         adapters=loras,
+        task=plan.settings.task,
     )
 
 

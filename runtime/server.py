@@ -13,6 +13,7 @@ import contextlib
 import gc
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
@@ -26,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime.api import adapters, lmi, openai, tokenize
+from runtime.api import adapters, embeddings, lmi, openai, tokenize
 from runtime.api.openapi import TOKENIZE_KEYS, body_doc, install_openapi, union_body
 from runtime.api.protocol import ChatCompletionRequest, CompletionRequest, LmiRequest
 from runtime.api.responses import not_served
@@ -145,6 +146,11 @@ def create_app(
         if req.stream:
             return EventStream(await openai.completion_stream(svc, req), media_type=SSE)
         return await _until_disconnect(request, openai.completion(svc, req))
+
+    @app.post("/v1/embeddings", response_model=None, openapi_extra=body_doc("EmbeddingRequest"))
+    async def embeddings_route(request: Request) -> Any:
+        req = _parse(embeddings.EmbeddingRequest, _with_adapter(request, await _json_body(request)))
+        return await _until_disconnect(request, embeddings.embeddings(service(), req))
 
     invoke_doc = {"requestBody": union_body()}
 
@@ -302,6 +308,13 @@ async def _invoke(svc: ModelService, request: Request) -> Any:
         raise APIError(400, "the request body must be a JSON object")
     request.state.lmi = "inputs" in body and "messages" not in body and "prompt" not in body
     body = _with_adapter(request, body)
+    if svc.task == "embed" and "messages" not in body and "prompt" not in body:
+        if "input" in body:  # OpenAI's embeddings body, sent to SageMaker's one route
+            emb = _parse(embeddings.EmbeddingRequest, body)
+            return await _until_disconnect(request, embeddings.embeddings(svc, emb))
+        if "inputs" in body:
+            lmi_emb = _parse(embeddings.LmiEmbeddingRequest, body)
+            return await _until_disconnect(request, embeddings.lmi_embeddings(svc, lmi_emb))
     if "messages" in body:
         chat_req = _parse(ChatCompletionRequest, body)
         if chat_req.stream:
@@ -317,6 +330,8 @@ async def _invoke(svc: ModelService, request: Request) -> Any:
         if lmi_req.stream:
             return EventStream(await lmi.stream(svc, lmi_req), media_type=lmi.stream_media_type(svc))
         return await _until_disconnect(request, lmi.generate(svc, lmi_req))
+    if svc.task == "embed":
+        raise APIError(400, "cannot tell the request schema: expected 'inputs' (LMI) or 'input' (OpenAI embeddings)")
     raise APIError(
         400,
         "cannot tell the request schema: expected 'messages' (OpenAI chat), 'prompt' (OpenAI "
@@ -324,10 +339,14 @@ async def _invoke(svc: ModelService, request: Request) -> Any:
     )
 
 
+# pydantic names the member of a union it tried in the error's location ("input.list[str]"): not a field.
+_UNION_TAG = re.compile(r"(str|int|float|bool|list\[.*\]|dict\[.*\])")
+
+
 def _validation_error(errors: Any) -> APIError:
     parts, first = [], None
     for err in errors:
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body" and not _UNION_TAG.fullmatch(str(x)))
         first = first or loc or None
         parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
     return APIError(400, "invalid request: " + "; ".join(parts), param=first)
@@ -372,7 +391,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 # -- admission, request metrics -----------------------------------------------------------------------------------
 
-GENERATION_PATHS = ("/invocations", "/v1/chat/completions", "/v1/completions")
+GENERATION_PATHS = ("/invocations", "/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
 def _is_generation(scope: Scope) -> bool:

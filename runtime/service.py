@@ -20,6 +20,7 @@ from typing import Any
 from runtime.adapters import Adapters
 from runtime.engines.base import (
     AdapterRef,
+    EmbedSpec,
     Engine,
     EngineDeadError,
     EngineError,
@@ -62,6 +63,7 @@ class ServiceOptions:
     predict_timeout: float
     output_formatter: str  # LMI: json | jsonlines | sse
     tgi_compat: bool
+    normalize: bool  # embeddings: L2-normalize unless a request says otherwise
 
 
 @dataclass
@@ -111,6 +113,7 @@ class ModelService:
         root: str = "",
         vocab_size: int | None = None,
         adapters: Adapters | None = None,
+        task: str = "generate",
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -125,6 +128,26 @@ class ModelService:
         self.created = int(time.time())
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
         self.adapters = adapters  # None: LoRA is off (enable_lora=false)
+        self.task = task  # artifacts/targets.py: TASKS; the routes of the other task refuse (require)
+
+    def require(self, task: str) -> None:
+        """Refuse a request for the other task: an embedding model generates no text, and a generation model
+        (its engine started to generate) gives no embeddings."""
+        if task == self.task:
+            return
+        if self.task == "embed":
+            raise APIError(
+                400,
+                f"{self.served_name!r} is an embedding model (target.task=embed): it answers POST /v1/embeddings "
+                'and POST /invocations with {"inputs": …}, not text generation',
+                param="model",
+            )
+        raise APIError(
+            400,
+            f"{self.served_name!r} is a text-generation model (target.task=generate): embeddings come from an "
+            "embedding artifact (build one with target.task=embed)",
+            param="model",
+        )
 
     # -- prompts -------------------------------------------------------------------------------------------
     def check_model(self, requested: str | None) -> AdapterRef | None:
@@ -280,6 +303,36 @@ class ModelService:
                 await aclose()
         finally:
             await self.engine.abort(request_id)
+
+    async def embed(self, inputs: list[list[int]], spec: EmbedSpec, arrived: float, param: str) -> list[list[float]]:
+        """One vector per input, in order (the engine batches them); bounded by ``predict_timeout``. ``param``
+        names the request field holding the inputs (their length limit is checked here)."""
+        limit = self.engine.max_model_len
+        for i, ids in enumerate(inputs):
+            if limit and len(ids) > limit:
+                where = f"{param}[{i}]" if len(inputs) > 1 else param
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {limit} tokens, but {where} has {len(ids)} tokens. "
+                    "Shorten the input.",
+                    param=param,
+                )
+        remaining = max(self.options.predict_timeout - (time.perf_counter() - arrived), 0.0)
+        calls = [self.engine.embed(uuid.uuid4().hex, ids, spec) for ids in inputs]
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*calls), remaining))
+        except TimeoutError:
+            raise APIError(
+                408,
+                f"the request did not finish within predict_timeout={self.options.predict_timeout:g}s",
+                param="predict_timeout",
+            ) from None
+        except EngineRequestError as exc:
+            raise APIError(400, str(exc), param=exc.param or param) from exc
+        except EngineDeadError as exc:
+            raise APIError(503, f"the engine is not available: {exc}") from exc
+        except EngineError as exc:
+            raise APIError(424, f"embedding failed: {exc}") from exc
 
     async def collect(self, prompt_ids: list[int], spec: SamplingSpec, arrived: float) -> Generation:
         gen = Generation(n=spec.n)

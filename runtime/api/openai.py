@@ -96,6 +96,7 @@ def _structured(req: _OpenAISampling) -> dict[str, Any] | None:
 
 # -- OpenAI chat ---------------------------------------------------------------------------------------
 def prepare_chat(svc: ModelService, req: ChatCompletionRequest) -> tuple[list[int], SamplingSpec]:
+    svc.require("generate")
     adapter = svc.check_model(req.model)
     _check_tools(req)
     if req.continue_final_message and req.add_generation_prompt:
@@ -257,6 +258,7 @@ class Job:
 
 
 def prepare_completion(svc: ModelService, req: CompletionRequest) -> list[Job]:
+    svc.require("generate")
     adapter = svc.check_model(req.model)
     echo_only = req.echo and req.max_tokens == 0
     if req.max_tokens == 0 and not req.echo:

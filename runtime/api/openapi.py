@@ -28,6 +28,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from runtime.api import responses as r
+from runtime.api.embeddings import EmbeddingRequest
 from runtime.api.protocol import ChatCompletionRequest, CompletionRequest, LmiRequest
 from runtime.api.tokenize import TOKENIZE_SCHEMAS, DetokenizeRequest
 from runtime.engines.base import STRUCTURED_CONSTRAINTS, EngineRequestError, SamplingSpec
@@ -40,6 +41,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "ChatCompletionRequest": ChatCompletionRequest,
     "CompletionRequest": CompletionRequest,
     "LmiRequest": LmiRequest,
+    "EmbeddingRequest": EmbeddingRequest,
 }
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     r.OpenAIError,
@@ -54,6 +56,7 @@ RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     r.TokenizerInfoResponse,
     r.LmiResponse,
     r.LmiStreamLine,
+    r.EmbeddingResponse,
     r.Health,
 )
 # Which key picks which schema on /invocations (server._invoke) and /tokenize (tokenize.tokenize_request).
@@ -163,11 +166,18 @@ def _responses() -> dict[tuple[str, str], dict[str, Any]]:
             _ref("TextCompletion"),
             _ref("LmiResponse"),
             {"type": "array", "items": _ref("LmiResponse"), "description": "option.tgi_compat=true"},
+            _ref("EmbeddingResponse"),
+            {
+                "type": "array",
+                "items": {"type": "array", "items": {"type": "number"}},
+                "description": "an embedding model's answer to LMI's inputs: one vector per input",
+            },
         ]
     }
     invoke = {
         "200": {
-            "description": "by the request's schema: chat.completion, text_completion or LMI's generated_text; "
+            "description": "by the request's schema: chat.completion, text_completion or LMI's generated_text (an "
+            "embedding model: OpenAI's embeddings list for 'input', a list of vectors for LMI's 'inputs'); "
             "streamed: server-sent events (OpenAI schemas; LMI with output_formatter=sse or tgi_compat) or one "
             "LMI JSON object per line",
             "content": {
@@ -196,6 +206,10 @@ def _responses() -> dict[tuple[str, str], dict[str, Any]]:
         },
         ("/v1/chat/completions", "post"): chat,
         ("/v1/completions", "post"): completion,
+        ("/v1/embeddings", "post"): {
+            "200": {"description": "one embedding per input, in order", "content": _json(_ref("EmbeddingResponse"))},
+            **_errors(GENERATION_ERRORS),
+        },
         ("/invocations", "post"): invoke,
         ("/predictions/{model_name}", "post"): invoke,
         ("/tokenize", "post"): {
@@ -239,6 +253,7 @@ EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
         "chat": {"value": {"messages": _CHAT, "add_generation_prompt": True}},
     },
     ("/detokenize", "post"): {"tokens": {"value": {"tokens": [1, 2, 3]}}},
+    ("/v1/embeddings", "post"): {"embed": {"value": {"input": ["a cat sits", "a kitten is sitting"]}}},
 }
 
 METHOD_NOT_ALLOWED = {
@@ -561,8 +576,17 @@ def _add_models(components: dict[str, Any], models: Iterable[tuple[str, type[Bas
         components[name] = schema
 
 
+# The routes only one task's models answer (the others refuse with a 400 naming the task): left out of the document
+# of a server whose model is for the other task.
+TASK_PATHS = {"generate": ("/v1/chat/completions", "/v1/completions"), "embed": ("/v1/embeddings",)}
+
+
 def build(app: FastAPI, svc: Any | None) -> dict[str, Any]:
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for task, paths in TASK_PATHS.items():
+        if svc is not None and svc.task != task:
+            for path in paths:
+                doc.get("paths", {}).pop(path, None)
     components = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)

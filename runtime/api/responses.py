@@ -216,6 +216,29 @@ class LmiStreamLine(_Open):
     details: dict[str, Any] | None = None
 
 
+# -- embeddings -------------------------------------------------------------------------------------------------
+
+
+class Embedding(_Open):
+    index: int
+    object: Literal["embedding"]
+    embedding: list[float] | str  # str: encoding_format=base64 (little-endian float32)
+
+
+class EmbeddingUsage(_Open):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(_Open):
+    id: str
+    object: Literal["list"]
+    created: int
+    model: str
+    data: list[Embedding]
+    usage: EmbeddingUsage
+
+
 # -- health ---------------------------------------------------------------------------------------------------
 
 
@@ -226,14 +249,16 @@ class Health(_Open):
 
 # -- vLLM routes kiln does not serve ---------------------------------------------------------------------------
 
-_GENERATION = "kiln serves text generation: POST /v1/chat/completions, POST /v1/completions"
+_GENERATION = (
+    "kiln serves text generation: POST /v1/chat/completions, POST /v1/completions (embedding artifacts: "
+    "POST /v1/embeddings)"
+)
 # Path pattern (a regular expression matching the whole path) -> what kiln serves instead.
 NOT_SERVED: dict[str, str] = {
     r"/v1/responses(/.*)?": f"the Responses API is not served; {_GENERATION} (SageMaker: POST /invocations)",
     r"/v1/messages(/.*)?": f"the Anthropic Messages API is not served; {_GENERATION}",
     r"/v1/(chat/)?completions/(render|derender|batch)": f"only generation is served; {_GENERATION}",
-    r"/v1/embeddings|/v2/embed|/pooling|/classify": f"pooling models (embeddings, classification) are not served; "
-    f"{_GENERATION}",
+    r"/v2/embed|/pooling|/classify": f"only OpenAI's embeddings route serves pooling models; {_GENERATION}",
     r"/v[12]/score|/score|/v[12]/rerank|/rerank|/generative_scoring": f"scoring and reranking are not served; "
     f"{_GENERATION}",
     r"/v1/audio/.*": f"speech-to-text is not served; {_GENERATION}",

@@ -23,6 +23,15 @@ ALIASES: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
     "cpu_offload_gb_per_gpu": ("cpu_offload_gb", None),
     "pipeline_parallel_degree": ("pipeline_parallel_size", None),
 }
+# LMI's option.task values (and HF_TASK) as kiln's target tasks (artifacts/targets.py: TASKS).
+TASK_NAMES = {
+    "text-generation": "generate",
+    "generate": "generate",
+    "text-embedding": "embed",
+    "feature-extraction": "embed",
+    "embed": "embed",
+    "embedding": "embed",
+}
 DTYPE_NAMES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 
 # Environment variables that are not OPTION_*/SERVING_*: LMI, TGI and SageMaker names. Rank 0 entries are the
@@ -33,6 +42,7 @@ ENV_ALIASES: dict[str, tuple[str, int]] = {
     "TENSOR_PARALLEL_DEGREE": ("tensor_parallel_degree", 1),
     "HF_MODEL_QUANTIZE": ("quantize", 0),
     "HF_MODEL_TRUST_REMOTE_CODE": ("trust_remote_code", 0),
+    "HF_TASK": ("task", 1),
     "MAX_BATCH_SIZE": ("max_rolling_batch_size", 0),
     "MAX_BATCH_PREFILL_TOKENS": ("max_rolling_batch_prefill_tokens", 0),
     "MAX_CONCURRENT_REQUESTS": ("job_queue_size", 0),

@@ -21,7 +21,7 @@ from typing import Any
 
 from artifacts.manifest import Target
 from runtime import engines
-from runtime.config.aliases import ALIASES, DTYPE_NAMES, IGNORED
+from runtime.config.aliases import ALIASES, DTYPE_NAMES, IGNORED, TASK_NAMES
 from runtime.config.schema import CONTAINER_HOST, FIELDS, ConfigError, Entry, Origin, Resolved
 from runtime.config.sources import Sources
 from runtime.config.validate import check_native, check_target, validate, validate_valid
@@ -113,9 +113,16 @@ def _normalize(entry: Entry, problems: list[str], ignored: list[tuple[Origin, st
         else:
             problems.append(f"{entry.origin}={value!r}: custom handler modules are not supported")
         return None
-    if key in ("batch_size", "task"):
+    if key == "batch_size":
         _lmi_mode(entry, problems, ignored)
         return None
+    if key == "task":
+        task = TASK_NAMES.get(str(value).strip().lower())
+        if task is None:
+            known = ", ".join(TASK_NAMES)
+            problems.append(f"{entry.origin}={value!r}: this task is not supported; kiln serves {known}")
+            return None
+        value = task
     if key in ("tensor_parallel_degree", "tensor_parallel_size") and str(value).strip().lower() == "max":
         ignored.append((entry.origin, "the degree comes from the artifact's target block (a plain directory: 1)"))
         return None
@@ -136,15 +143,11 @@ def _normalize(entry: Entry, problems: list[str], ignored: list[tuple[Origin, st
 
 
 def _lmi_mode(entry: Entry, problems: list[str], ignored: list[tuple[Origin, str]]) -> None:
-    """LMI's dynamic batching (batch_size > 1) and non-generation tasks have no kiln equivalent yet."""
-    value = str(entry.value).strip().lower()
-    if entry.key == "batch_size" and value == "1":
+    """LMI's dynamic batching (batch_size > 1) has no kiln equivalent: the engine batches."""
+    if str(entry.value).strip().lower() == "1":
         ignored.append((entry.origin, "requests are batched by the engine"))
-    elif entry.key == "task" and value in ("text-generation", "generate"):
-        ignored.append((entry.origin, "text generation is what kiln serves"))
     else:
-        what = "dynamic batching" if entry.key == "batch_size" else "this task"
-        problems.append(f"{entry.origin}={entry.value!r}: {what} is not supported; kiln serves text generation")
+        problems.append(f"{entry.origin}={entry.value!r}: dynamic batching is not supported; the engine batches")
 
 
 def _engine_name(known: dict[str, Entry], target: Target | None) -> str:

@@ -43,6 +43,12 @@ class ServeConfig(BaseModel):
     )
     port: int = Field(8080, ge=0, le=65535, description="listen port")
     engine: str | None = Field(None, description="engine for a plain Hugging Face dir (an artifact names its own)")
+    task: Literal["generate", "embed"] | None = Field(
+        None,
+        description="what the model serves: generate (text) or embed (vectors; LMI: option.task text-embedding, "
+        "HF_TASK); default: the artifact's target.task, a plain directory's architecture",
+    )
+    normalize: bool = Field(True, description="embeddings: L2-normalize the vectors (LMI: option.normalize)")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="weights/activations")
     max_model_len: int | None = Field(None, ge=1, description="max prompt + output tokens")
     max_num_seqs: int | None = Field(

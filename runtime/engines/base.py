@@ -94,6 +94,14 @@ class SamplingSpec:
 
 
 @dataclass(frozen=True)
+class EmbedSpec:
+    """One embedding request's options (validated by the HTTP layer)."""
+
+    normalize: bool = True  # L2-normalize the pooled vector (vLLM: use_activation; LMI: option.normalize)
+    dimensions: int | None = None  # Matryoshka truncation, where the model supports it (None: the full vector)
+
+
+@dataclass(frozen=True)
 class TokenInfo:
     id: int
     text: str
@@ -148,6 +156,7 @@ class EngineSettings:
     extra: Mapping[str, Any] = field(default_factory=dict)  # engine-native keys passed through
     compile_cache: Path | None = None  # writable copy of the artifact's precompiled cache (runtime/compile_cache.py)
     lora: LoraSettings | None = None  # None: LoRA adapters disabled (enable_lora=false)
+    task: str = "generate"  # artifacts/targets.py: TASKS; "embed" engines answer embed(), not generate()
 
 
 class Engine(Protocol):
@@ -169,6 +178,11 @@ class Engine(Protocol):
         ...
 
     async def abort(self, request_id: str) -> None: ...
+
+    async def embed(self, request_id: str, prompt_ids: list[int], spec: EmbedSpec) -> list[float]:
+        """The pooled vector of one input (only called when ``settings.task`` is "embed"); batched with concurrent
+        calls by the engine. Raises EngineRequestError naming the field the engine refuses (e.g. dimensions)."""
+        ...
 
     async def add_adapter(self, adapter: AdapterRef, pin: bool = False) -> None:
         """Load a LoRA adapter for requests naming it (only called when ``settings.lora`` is set and the spec says
@@ -245,6 +259,7 @@ class EngineSpec:
     # plain S3 checkpoint still download, so the two overlap.
     preload: Callable[[], None] = lambda: None
     serves_adapters: bool = False  # the engine implements add_adapter / remove_adapter (LoRA)
+    tasks: tuple[str, ...] = ("generate",)  # the target tasks it serves (one per engine instance: settings.task)
 
     def cannot_run(self, quantization: str, device: str, cpu_flags: frozenset[str]) -> str | None:
         """Why this engine's kernels cannot run ``quantization`` on ``device`` here (None: they can)."""

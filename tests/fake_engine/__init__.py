@@ -9,7 +9,8 @@ markers in the prompt text: ``[fail]`` fails the request after two tokens (the e
 kills the engine after two tokens, ``[slow]`` waits 0.2 s per token, ``[utf8]`` generates the byte tokens of multi-
 byte characters (deltas that end inside a character are empty), ``[masked]`` makes the logprob alternatives after
 the first -inf (the third NaN) and the prompt logprobs -inf, as a grammar-masked token or an underflowing logit
-gives them. ``FakeEngine.last_spec`` is the SamplingSpec of the latest request.
+gives them. ``FakeEngine.last_spec`` is the SamplingSpec of the latest request. Served with ``task=embed`` it
+answers embeddings: deterministic vectors of the token ids (``[slow]`` and ``[fail]`` work there too).
 """
 
 from __future__ import annotations
@@ -38,4 +39,5 @@ SPEC = EngineSpec(
     native_args=lambda s: dict(s.extra),
     defaults=_defaults,
     serves_adapters=True,
+    tasks=("generate", "embed"),
 )

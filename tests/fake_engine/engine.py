@@ -10,6 +10,7 @@ from typing import Any
 
 from runtime.engines.base import (
     AdapterRef,
+    EmbedSpec,
     EngineDeadError,
     EngineError,
     EngineOutput,
@@ -22,6 +23,7 @@ from runtime.engines.base import (
     max_position_embeddings,
 )
 
+EMBED_DIM = 16  # the fake's vectors; it has no Matryoshka dimensions (as vLLM refuses them for such a model)
 FIRST_ID = 300  # generated ids stay clear of the special and single-byte tokens at the start of the vocabulary
 KNOWN_EXTRA = {"logit_bias", "allowed_token_ids", "bad_words"}
 
@@ -103,6 +105,27 @@ class FakeEngine:
         finally:
             self.running.discard(request_id)
             self.aborted.discard(request_id)
+
+    async def embed(self, request_id: str, prompt_ids: list[int], spec: EmbedSpec) -> list[float]:
+        """A deterministic vector of the token ids (their order counts); ``[slow]`` takes 1 s, ``[fail]`` fails."""
+        import math
+
+        if self.dead:
+            raise EngineDeadError(self.dead)
+        if spec.dimensions is not None:
+            raise EngineRequestError("this model does not support Matryoshka embeddings", param="dimensions")
+        self.requests += 1
+        text = self.text(prompt_ids)
+        self.running.add(request_id)
+        try:
+            await asyncio.sleep(1.0 if "[slow]" in text else 0.0)
+            if "[fail]" in text:
+                raise EngineError("the fake engine failed this request")
+        finally:
+            self.running.discard(request_id)
+        vec = [sum(math.cos(t * (j + 1) * 0.37 + p) for p, t in enumerate(prompt_ids)) for j in range(EMBED_DIM)]
+        norm = math.sqrt(sum(x * x for x in vec)) or 1.0
+        return [x / norm for x in vec] if spec.normalize else vec
 
     async def add_adapter(self, adapter: AdapterRef, pin: bool = False) -> None:
         self.adapters[adapter.id] = adapter

@@ -13,6 +13,10 @@ LMI_MAX_NUM_SEQS = 32
 
 
 def _create(settings: EngineSettings) -> Engine:
+    if settings.task == "embed":
+        from runtime.engines.transformers.embed import TransformersEmbedder
+
+        return TransformersEmbedder(settings)
     from runtime.engines.transformers.engine import TransformersEngine
 
     return TransformersEngine(settings)
@@ -61,4 +65,5 @@ SPEC = EngineSpec(
     defaults=_defaults,
     lmi_names=("scheduler",),  # LMI's HF-Accelerate rolling batch, whose successor is transformers' own
     preload=_preload,
+    tasks=("generate", "embed"),
 )

@@ -23,6 +23,7 @@ from typing import Any
 from runtime.engines.base import (
     GIB,
     AdapterRef,
+    EmbedSpec,
     EngineDeadError,
     EngineError,
     EngineOutput,
@@ -209,6 +210,9 @@ class TransformersEngine:
         with router._lock:
             for rid in rids:
                 router.result_handlers.pop(rid, None)
+
+    async def embed(self, request_id: str, prompt_ids: list[int], spec: EmbedSpec) -> list[float]:
+        raise EngineRequestError("this is a text-generation model: embeddings come from embedding artifacts")
 
     async def add_adapter(self, adapter: AdapterRef, pin: bool = False) -> None:
         # Not reached: the spec does not say serves_adapters, so enable_lora=true is refused at start-up.

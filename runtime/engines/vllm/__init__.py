@@ -122,4 +122,5 @@ SPEC = EngineSpec(
     compile=_Compile(),
     preload=_preload,
     serves_adapters=True,
+    tasks=("generate", "embed"),
 )

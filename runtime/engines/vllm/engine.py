@@ -17,6 +17,7 @@ from typing import Any
 from runtime.engines.base import (
     GIB,
     AdapterRef,
+    EmbedSpec,
     EngineDeadError,
     EngineError,
     EngineOutput,
@@ -46,6 +47,8 @@ def engine_kwargs(s: EngineSettings) -> dict[str, Any]:
     }
     if s.max_model_len:
         kwargs["max_model_len"] = s.max_model_len
+    if s.task == "embed":  # vLLM's pooling runner: the model's pooler (sentence-transformers' config) per input
+        kwargs["runner"] = "pooling"
     if s.enable_prefix_caching is not None:
         kwargs["enable_prefix_caching"] = s.enable_prefix_caching
     if s.enable_chunked_prefill is not None:
@@ -212,6 +215,33 @@ class VllmEngine:
             if self._llm.errored:
                 raise EngineDeadError(str(self._llm.dead_error)) from exc
             raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def embed(self, request_id: str, prompt_ids: list[int], spec: EmbedSpec) -> list[float]:
+        from vllm.exceptions import VLLMValidationError
+        from vllm.inputs import TokensPrompt
+        from vllm.pooling_params import PoolingParams
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
+
+        params = PoolingParams(task="embed", use_activation=spec.normalize, dimensions=spec.dimensions)
+        out: Any = None
+        try:
+            async for item in self._llm.encode(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
+                out = item  # FINAL_ONLY: one output, the pooled vector
+        except VllmDead as exc:
+            raise EngineDeadError(str(exc) or "the vLLM engine died") from exc
+        except (VLLMValidationError, ValueError) as exc:
+            # PoolingParams.verify names no parameter; its only per-request refusals are about dimensions.
+            param = getattr(exc, "parameter", None) or ("dimensions" if "dimensions" in str(exc) else None)
+            # vLLM names the model by its path (here a pull-cache directory): the client knows it by its name
+            message = str(exc).replace(f"Model {str(self.settings.model_dir)!r}", "This model")
+            raise EngineRequestError(message, param) from exc
+        except Exception as exc:
+            if self._llm.errored:
+                raise EngineDeadError(str(self._llm.dead_error)) from exc
+            raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+        if out is None or not out.finished:
+            raise EngineError("vLLM returned no embedding")
+        return [float(x) for x in out.outputs.data.tolist()]
 
     def validate(self, spec: SamplingSpec) -> None:
         self._sampling_params(spec)
