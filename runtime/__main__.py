@@ -116,6 +116,7 @@ def print_config(startup: Startup, as_json_output: bool) -> None:
             "device": s.device,
             "model": {"location": startup.location.target, "kind": startup.model.kind},
             "quantization": plan.quantization,
+            "task": s.task,
             "engine_args": plan.spec.native_args(s),
         }
         print(json.dumps(doc, indent=2, default=str))
@@ -123,7 +124,9 @@ def print_config(startup: Startup, as_json_output: bool) -> None:
     print(render(resolved, plan.chosen))
     print(f"model: {startup.location.target} ({where})")
     print(
-        f"-> {startup.model.name} on {plan.spec.name} ({s.device}, dtype {s.dtype}, max_model_len {s.max_model_len}, "
+        f"-> {startup.model.name} on {plan.spec.name} ({s.device}, "
+        + ("embeddings, " if s.task == "embed" else "")
+        + f"dtype {s.dtype}, max_model_len {s.max_model_len}, "
         f"max_num_seqs {s.max_num_seqs}, tensor_parallel_degree {s.tensor_parallel_degree}"
         + (f", quantization {plan.quantization})" if plan.quantization != "none" else ")")
     )

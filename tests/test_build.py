@@ -224,7 +224,7 @@ def test_convert_refuses_pickle_unless_allowed(tiny_checkpoint: Path, tmp_path: 
 def test_convert_refuses_unsupported_architecture(tiny_checkpoint: Path, tmp_path: Path) -> None:
     ckpt = edit_copy(tiny_checkpoint, tmp_path / "c")
     cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["architectures"] = ["BertModel"]
+    cfg["architectures"] = ["T5ForConditionalGeneration"]
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(BuildError, match="'BertModel' is not supported"):
+    with pytest.raises(BuildError, match="'T5ForConditionalGeneration' is not supported"):
         convert(params(), ckpt, tmp_path / "out")

@@ -330,3 +330,15 @@ def test_the_manifest_writes_the_task_only_when_it_is_not_generation() -> None:
     assert Target.from_dict(emb.to_dict()) == emb
     with pytest.raises(ManifestError, match=r"target\.task: unknown task 'rank'"):
         Target.from_dict({**emb.to_dict(), "task": "rank"})
+
+
+def test_runtime_config_shows_the_task(minilm_uri: str) -> None:
+    import json
+
+    proc = run_cli("runtime", "config", minilm_uri, "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["task"] == "embed"
+    assert doc["engine_args"]["runner"] == "pooling"
+    text = run_cli("runtime", "config", minilm_uri)
+    assert "embeddings" in text.stdout.splitlines()[-1], text.stdout
