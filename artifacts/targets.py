@@ -17,6 +17,13 @@ TASKS = ("generate", "embed")
 # The encoder architectures an embedding artifact may hold (loaded by vLLM's pooling runner and transformers'
 # AutoModel); a plain checkpoint of one of these is served as an embedding model.
 EMBED_ARCHITECTURES = ("BertModel", "RobertaModel", "XLMRobertaModel")
+# Speculative decoding methods a serving configuration (or an artifact's serving block) may name: "ngram" (prompt
+# lookup, no second model), "draft_model" (a small model with the target's tokenizer proposes tokens), and the
+# methods that need weights trained for the target (EAGLE heads, MTP layers, suffix trees). Engines list the ones
+# they serve (runtime/engines/base.py: EngineSpec.speculative_methods).
+SPECULATIVE_METHODS = ("ngram", "draft_model", "eagle", "eagle3", "mtp", "suffix")
+# The methods a build can record: those needing nothing beyond the target (ngram) or a draft it packages.
+BUILD_SPECULATIVE_METHODS = ("ngram", "draft_model")
 # Checkpoint dtypes an artifact records (``auto``: as the source checkpoint stores them).
 DTYPES = ("bfloat16", "float16", "float32", "auto")
 # target.quantization: method and the scheme of weights/activations it produces ("none": not quantized).
@@ -38,10 +45,11 @@ class EngineTarget:
 
     devices: tuple[str, ...]
     why: str = ""  # why device kinds are missing (empty: every kind the engine has a backend for)
+    speculative: tuple[str, ...] = ()  # SPECULATIVE_METHODS a build may record for it (the runtime engine runs them)
 
 
 ENGINES: dict[str, EngineTarget] = {
-    "vllm": EngineTarget(("cpu", "cuda")),
+    "vllm": EngineTarget(("cpu", "cuda"), speculative=SPECULATIVE_METHODS),
     "transformers": EngineTarget(("cpu", "cuda")),
     "tensorrt_llm": EngineTarget(("cuda",), "TensorRT-LLM runs on NVIDIA GPUs only"),
     "neuron": EngineTarget(("neuron",), "Neuron graphs run on AWS Inferentia and Trainium only"),

@@ -117,6 +117,31 @@ class AdapterConfig:
 
 
 @dataclass
+class DraftConfig:
+    """The draft model packaged inside the artifact (``speculative=draft_model``), as its ``draft/`` folder: it is
+    converted like the model (same dtype) and must use the model's tokenizer."""
+
+    source: str | None = None  # local HF dir | s3://bucket/prefix/ | hub id | kiln:tiny (synthesized from synth)
+    revision: str | None = None
+    allow_pickle: bool = False
+    # A synthesized draft: the tiny model's dimensions with one layer (conf/speculative/draft_model.yaml makes its
+    # tokenizer and training follow model.synth, so a synthesized draft fits a synthesized model).
+    synth: SynthConfig = field(default_factory=lambda: SynthConfig(num_hidden_layers=1))
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding recorded in the artifact's serving block (the runtime starts the engine with it).
+    ``method`` None: none recorded (an operator may still set option.speculative_config at serve time)."""
+
+    method: str | None = None  # artifacts/targets.py: BUILD_SPECULATIVE_METHODS (ngram | draft_model)
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2  # ngram: the shortest prompt n-gram matched
+    prompt_lookup_max: int = 4  # ngram: the longest
+    draft: DraftConfig = field(default_factory=DraftConfig)
+
+
+@dataclass
 class BuildConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
@@ -127,6 +152,7 @@ class BuildConfig:
     target: TargetConfig = field(default_factory=TargetConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     force: bool = False
     debug: bool = False
 
@@ -146,6 +172,7 @@ def register_configs() -> None:
     for name, cspec in COMPILERS.items():
         cs.store(group="compile", name=f"base_{name}", node=cspec.config_cls)
     cs.store(group="publish", name="base_publish", node=PublishConfig)
+    cs.store(group="speculative", name="base_speculative", node=SpeculativeConfig)
 
 
 def parse_size(text: str) -> int:
@@ -212,6 +239,42 @@ def _problems(cfg: BuildConfig) -> list[tuple[str, str]]:
         )
     out.extend(_synth_problems(cfg.model))
     out.extend(_adapter_problems(cfg.adapter))
+    out.extend(_speculative_problems(cfg))
+    return out
+
+
+def _speculative_problems(cfg: BuildConfig) -> list[tuple[str, str]]:
+    from artifacts.targets import BUILD_SPECULATIVE_METHODS, ENGINES
+
+    sp = cfg.speculative
+    if sp.method is None:
+        if sp.draft.source is not None:
+            return [("speculative.draft.source", "is set but speculative.method is not; use speculative=draft_model")]
+        return []
+    if sp.method not in BUILD_SPECULATIVE_METHODS:
+        return [("speculative.method", f"{sp.method!r} is not one of {list(BUILD_SPECULATIVE_METHODS)}")]
+    out = []
+    if sp.num_speculative_tokens < 1:
+        out.append(("speculative.num_speculative_tokens", "must be >= 1 (tokens proposed per step)"))
+    if sp.method == "ngram" and not 1 <= sp.prompt_lookup_min <= sp.prompt_lookup_max:
+        out.append(("speculative.prompt_lookup_min", "must be >= 1 and no more than speculative.prompt_lookup_max"))
+    if sp.method == "draft_model" and not sp.draft.source:
+        out.append(("speculative.draft.source", "is required with speculative=draft_model (the draft checkpoint)"))
+    if sp.method == "ngram" and sp.draft.source:
+        out.append(("speculative.draft.source", "n-gram speculation needs no draft model; use speculative=draft_model"))
+    if cfg.target.task != "generate":
+        out.append(("speculative", f"speculative decoding is for text generation, not target.task={cfg.target.task}"))
+    engine = ENGINES.get(cfg.target.engine)
+    if engine is not None and sp.method not in engine.speculative:
+        out.append(("speculative", f"target.engine={cfg.target.engine} does not serve {sp.method} speculation"))
+    if cfg.compile.backend != "none":
+        out.append(
+            (
+                "compile",
+                "the compile warm-up does not run speculative decoding yet, so its cache would not fit; build with "
+                "compile=none (or build compiled without speculative=… and set option.speculative_config at serve)",
+            )
+        )
     return out
 
 

@@ -24,7 +24,7 @@ from artifacts.targets import ENGINES, quant_scheme, runs_on
 from artifacts.uri import ArtifactRef, normalize_store_uri, scheme_of
 from build import calibration
 from build.cache import StageCache, StageRecord
-from build.config import BuildConfig, parse_size, to_plain
+from build.config import BuildConfig, ModelConfig, parse_size, to_plain
 from build.errors import BuildError
 from build.source import Source, acquire
 from build.stages import StageInput, StageSpec, run_stage
@@ -35,6 +35,10 @@ from quantize.registry import plan
 
 log = logging.getLogger("kiln.build")
 CONVERT = StageSpec(name="convert", toolchain="build", entry="build.stages.convert:run")
+# The draft model (speculative=draft_model) is converted as the model is, under its own stage name, then packaged.
+DRAFT_CONVERT = StageSpec(name="draft-convert", toolchain="build", entry="build.stages.convert:run")
+DRAFT = StageSpec(name="draft", toolchain="build", entry="build.stages.draft:run", code=("artifacts.tokenizers",))
+DRAFT_FOLDER = "draft"
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ def run_build(cfg: BuildConfig) -> BuildResult:
         params = {"config": to_plain(cfg.compile), "target": target, "serving": serving_block(cfg)}
         final = run_stage(spec, params, {"model": _input(final)}, cache, force=cfg.force)
         stages.append(final)
+    if cfg.speculative.method == "draft_model":
+        final = _with_draft(cfg, convert_params, final, cache, stages)
     manifest = assemble_manifest(cfg, source, final, stages)
     record = _build_record(source, stages, time.monotonic() - start) | record_extra
     ref = ops.publish(final.path, manifest, store_uri, tags=cfg.publish.tags, record=record)
@@ -92,6 +98,32 @@ def run_build(cfg: BuildConfig) -> BuildResult:
         adapter_ref, adapter = package_adapter(cfg, final, manifest, cache, store_uri)
         return BuildResult(adapter_ref, adapter, tuple(stages), time.monotonic() - start, base=ref)
     return BuildResult(ref=ref, manifest=manifest, stages=tuple(stages), seconds=time.monotonic() - start)
+
+
+def _with_draft(
+    cfg: BuildConfig, convert_params: dict[str, Any], model: StageRecord, cache: StageCache, stages: list[StageRecord]
+) -> StageRecord:
+    """Convert the draft model (as the model: same dtype, checks and shards) and package it as ``draft/``."""
+    d = cfg.speculative.draft
+    assert d.source is not None  # validated: speculative=draft_model needs speculative.draft.source
+    draft_model = ModelConfig(name=f"{cfg.model.name}-draft", source=d.source, revision=d.revision, synth=d.synth)
+    draft_model.allow_pickle = d.allow_pickle
+    params = {**convert_params, "quantize": "none", "allow_pickle": d.allow_pickle}
+    try:
+        source = acquire(draft_model, cache, force=cfg.force)
+        draft = run_stage(DRAFT_CONVERT, params, {"source": source.input}, cache, force=cfg.force)
+    except BuildError as exc:  # the source and convert errors name model.*; here it is the draft's
+
+        def rename(text: str) -> str:
+            return text.replace("model.", "speculative.draft.")
+
+        fix = rename(exc.fix) if exc.fix else None
+        raise BuildError("draft", exc.message, key=rename(exc.key or "model.source"), fix=fix) from None
+    stages += [source.stage, draft] if source.stage is not None else [draft]
+    inputs = {"model": _input(model), "draft": _input(draft)}
+    packaged = run_stage(DRAFT, {"folder": DRAFT_FOLDER}, inputs, cache, force=cfg.force)
+    stages.append(packaged)
+    return packaged
 
 
 def _input(rec: StageRecord) -> StageInput:
@@ -177,7 +209,22 @@ def assemble_manifest(cfg: BuildConfig, source: Source, final: StageRecord, stag
 def serving_block(cfg: BuildConfig) -> dict[str, Any]:
     """The manifest's serving block: the ``serving.*`` settings the build config sets (unset ones are left to the
     runtime's defaults, so each default is written once, there)."""
-    return {k: v for k, v in asdict(cfg.serving).items() if v is not None}
+    block = {k: v for k, v in asdict(cfg.serving).items() if v is not None}
+    sp = cfg.speculative
+    if sp.method == "ngram":
+        block["speculative_config"] = {
+            "method": "ngram",
+            "num_speculative_tokens": sp.num_speculative_tokens,
+            "prompt_lookup_min": sp.prompt_lookup_min,
+            "prompt_lookup_max": sp.prompt_lookup_max,
+        }
+    elif sp.method == "draft_model":  # a path inside the artifact (runtime/speculative.py resolves it there)
+        block["speculative_config"] = {
+            "method": "draft_model",
+            "model": DRAFT_FOLDER,
+            "num_speculative_tokens": sp.num_speculative_tokens,
+        }
+    return block
 
 
 def build_target(cfg: BuildConfig, stages: list[StageRecord]) -> Target:

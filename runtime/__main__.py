@@ -24,6 +24,7 @@ from artifacts.logs import setup_logging
 from runtime import process
 from runtime.app import Startup, configure, serve
 from runtime.config import FIELDS, ConfigError, ServeConfig, as_json, render
+from runtime.engines.base import Speculation
 from runtime.host import TargetMismatchError
 
 log = logging.getLogger("kiln.runtime")
@@ -117,6 +118,7 @@ def print_config(startup: Startup, as_json_output: bool) -> None:
             "model": {"location": startup.location.target, "kind": startup.model.kind},
             "quantization": plan.quantization,
             "task": s.task,
+            "speculative": _speculation(s.speculative),
             "engine_args": plan.spec.native_args(s),
         }
         print(json.dumps(doc, indent=2, default=str))
@@ -128,8 +130,16 @@ def print_config(startup: Startup, as_json_output: bool) -> None:
         + ("embeddings, " if s.task == "embed" else "")
         + f"dtype {s.dtype}, max_model_len {s.max_model_len}, "
         f"max_num_seqs {s.max_num_seqs}, tensor_parallel_degree {s.tensor_parallel_degree}"
-        + (f", quantization {plan.quantization})" if plan.quantization != "none" else ")")
+        + (f", quantization {plan.quantization}" if plan.quantization != "none" else "")
+        + (f", speculative {s.speculative.method} x{s.speculative.num_speculative_tokens}" if s.speculative else "")
+        + ")"
     )
+
+
+def _speculation(sp: Speculation | None) -> dict[str, Any] | None:
+    if sp is None:
+        return None
+    return {"method": sp.method, "num_speculative_tokens": sp.num_speculative_tokens, "draft": sp.draft, **sp.options}
 
 
 def run() -> int:

@@ -106,10 +106,22 @@ def configure(
         problems.append(f"this artifact cannot run here: {exc}")
     if plan is not None:
         problems += lora_problems(resolved, plan)
+        plan, spec_problems = with_speculation(plan, resolved)
+        problems += spec_problems
     if problems:
         raise ConfigError(problems)
     assert plan is not None
     return Startup(model, location, resolved, plan, template)
+
+
+def with_speculation(plan: Plan, resolved: Resolved) -> tuple[Plan, list[str]]:
+    """The plan with the speculative decoding the configuration asks for (runtime/speculative.py)."""
+    from runtime.speculative import speculation
+
+    spec, problems = speculation(resolved, plan.settings.model_dir, plan.spec, plan.settings.task)
+    if spec is None:
+        return plan, problems
+    return replace(plan, settings=replace(plan.settings, speculative=spec)), problems
 
 
 def lora_problems(resolved: Resolved, plan: Plan) -> list[str]:

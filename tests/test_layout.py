@@ -63,6 +63,9 @@ def test_every_runtime_engine_is_in_the_target_vocabulary() -> None:
         for device, _scheme in spec.kernel_needs:
             assert device in targets.ENGINES[name].devices
         assert set(spec.lmi_names).isdisjoint(*(engines.get(o).lmi_names for o in engines.ENGINES if o != name))
+        # what a build may record for the engine, the runtime engine runs
+        assert set(spec.speculative_methods) <= set(targets.SPECULATIVE_METHODS)
+        assert set(targets.ENGINES[name].speculative) <= set(spec.speculative_methods)
 
 
 def test_quantizer_routes_produce_vocabulary_names() -> None:

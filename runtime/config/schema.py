@@ -96,7 +96,35 @@ class ServeConfig(BaseModel):
         description="directories a local adapter src may lie in (comma-separated), beside /opt/ml and the model "
         "directory's adapters/ folder; artifact URIs are verified instead",
     )
+    speculative_config: dict[str, Any] | None = Field(
+        None,
+        description='speculative decoding, as vLLM\'s JSON object: {"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4} or {"method": "draft_model", "model": <dir or artifact URI>, '
+        '"num_speculative_tokens": 4}; an artifact built with speculative=… records one',
+    )
+    speculative_draft_model: str | None = Field(
+        None, description='LMI\'s draft-model name: {"method": "draft_model", "model": this} (a dir or artifact URI)'
+    )
+    speculative_length: int | None = Field(
+        None, ge=1, description="LMI's tokens proposed per step (num_speculative_tokens; default 4 with a draft model)"
+    )
+    draft_model_tp_size: int | None = Field(
+        None, ge=1, description="LMI's draft tensor-parallel degree (vLLM: draft_tensor_parallel_size)"
+    )
     engine_args: dict[str, Any] = Field(default_factory=dict, description="engine-native keys passed through")
+
+    @field_validator("speculative_config", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        """Text sources (serving.properties, the environment, the command line) give the object as JSON."""
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else None
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+            if value is not None and not isinstance(value, dict):
+                raise ValueError('expected a JSON object such as {"method": "ngram", "num_speculative_tokens": 4}')
+        return value
 
     @field_validator("adapters", mode="before")
     @classmethod

