@@ -73,6 +73,7 @@ BENCH_PARTS = {
     "rebuild": "tests.bench.rebuild",  # incremental builds: no-op and one-stage rebuilds vs a cold build
     "multiproc_load": "tests.bench.multiproc_load",  # several replicas starting from one compile cache
     "s3_cold_start": "tests.bench.s3_cold_start",  # ~1 GiB from S3: kiln (prefix, artifact) vs runai streamer vs LMI
+    "speculative": "tests.bench.speculative",  # n-gram speculation vs none on vLLM CPU: prompt-copying and fresh
 }
 
 

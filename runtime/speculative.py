@@ -32,7 +32,9 @@ def speculation(
     resolved: Resolved, model_dir: Path, spec: EngineSpec, task: str
 ) -> tuple[Speculation | None, list[str]]:
     """The speculative decoding the configuration asks for, checked (None: none), and every problem found."""
-    raw, where = _requested(resolved)
+    raw, where, conflict = _requested(resolved)
+    if conflict is not None:
+        return None, [conflict]
     if raw is None:
         return None, []
     problems = _problems(raw, where, spec, task)
@@ -47,37 +49,34 @@ def speculation(
     return Speculation(str(raw["method"]), int(raw["num_speculative_tokens"]), draft, options), []
 
 
-def _requested(resolved: Resolved) -> tuple[dict[str, Any] | None, str]:
-    """The speculative configuration as one dict, and the name(s) it was set under for messages. LMI's names
-    build a draft-model config, over a ``speculative_config`` only the artifact recorded (an operator's
-    ``speculative_config`` beside them is a conflict, reported by _problems)."""
+def _requested(resolved: Resolved) -> tuple[dict[str, Any] | None, str, str | None]:
+    """The speculative configuration as one dict, the name(s) it was set under (for messages), and a conflict
+    between the two spellings. LMI's names make a draft-model config, or adjust one the artifact recorded; beside
+    an operator's own ``speculative_config`` they conflict."""
     cfg = resolved.config
     base = dict(cfg.speculative_config) if cfg.speculative_config is not None else None
     where = str(resolved.origin("speculative_config"))
     lmi = {k: getattr(cfg, k) for k in LMI_KEYS if getattr(cfg, k) is not None}
     if not lmi:
-        return base, where
+        return base, where, None
     names = ", ".join(str(resolved.origin(k)) for k in lmi)
     if base is not None and resolved.origin("speculative_config").source != "artifact":
-        return {**base, "_conflict": names}, where
-    out = dict(base or {})
+        return None, where, f"{where} and {names} both configure speculative decoding; keep one"
     if "speculative_draft_model" in lmi:
-        out = {"method": "draft_model", "model": lmi["speculative_draft_model"]}
-        out["num_speculative_tokens"] = (base or {}).get("num_speculative_tokens", DEFAULT_LENGTH)
-    elif not out:
-        return {"_lmi_without_draft": True}, names
+        length = (base or {}).get("num_speculative_tokens", DEFAULT_LENGTH)
+        out = {"method": "draft_model", "model": lmi["speculative_draft_model"], "num_speculative_tokens": length}
+    elif base is not None:
+        out = base
+    else:
+        return None, names, f"{names}: set without option.speculative_draft_model (the draft model to use)"
     if "speculative_length" in lmi:
         out["num_speculative_tokens"] = lmi["speculative_length"]
     if "draft_model_tp_size" in lmi:
         out["draft_tensor_parallel_size"] = lmi["draft_model_tp_size"]
-    return out, names
+    return out, names, None
 
 
 def _problems(raw: dict[str, Any], where: str, spec: EngineSpec, task: str) -> list[str]:
-    if "_conflict" in raw:
-        return [f"{where} and {raw['_conflict']} both configure speculative decoding; keep one"]
-    if "_lmi_without_draft" in raw:
-        return [f"{where}: set without option.speculative_draft_model (the draft model) or a speculative_config"]
     method = raw.get("method")
     if method is None:
         if "model" in raw:

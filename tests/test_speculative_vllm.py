@@ -24,27 +24,34 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def servers(
-    tiny_uri: str, draft_spec_uri: str, vllm_pair: VllmPair, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, Server]]:
-    """Both speculating servers, started once: every test here uses the vLLM pair (its kiln server is the reference
-    without speculation), so this module runs with the pair's tests, last (tests/conftest.py)."""
-    tmp = tmp_path_factory.mktemp("speculative")
-    started = {
-        "ngram": start_server(tiny_uri, tmp, env={"OPTION_SPECULATIVE_CONFIG": json.dumps(NGRAM)}, wait=False),
-        "draft_model": start_server(draft_spec_uri, tmp, wait=False),
-    }
+@pytest.fixture(
+    scope="module",
+    # CI runs the draft model (kiln packages it and resolves it inside the artifact); n-gram prompt lookup, which
+    # `nox -s bench -- speculative` also runs on vLLM, with `nox -s tests -- tests`: one vLLM start each.
+    params=["draft_model", pytest.param("ngram", marks=pytest.mark.slow)],
+)
+def server(
+    request: pytest.FixtureRequest,
+    tiny_uri: str,
+    draft_spec_uri: str,
+    vllm_pair: VllmPair,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, Server]]:
+    """A speculating server: every test here uses the vLLM pair (its kiln server is the reference without
+    speculation), so this module runs with the pair's tests, last (tests/conftest.py)."""
+    method = request.param
+    tmp = tmp_path_factory.mktemp(f"speculative-{method}")
+    if method == "ngram":
+        srv = start_server(tiny_uri, tmp, env={"OPTION_SPECULATIVE_CONFIG": json.dumps(NGRAM)}, wait=False)
+    else:
+        srv = start_server(draft_spec_uri, tmp, wait=False)
     try:
-        for server in started.values():  # both load at once
-            wait_ready(server, 900)
-        yield started
-        for server in started.values():
-            stop_cleanly(server)
+        wait_ready(srv, 900)
+        yield method, srv
+        stop_cleanly(srv)
     finally:
-        for server in started.values():
-            if server.proc.poll() is None:
-                server.stop(timeout=60, group=True)
+        if srv.proc.poll() is None:
+            srv.stop(timeout=60, group=True)
 
 
 def _greedy(base: str, prompt: str) -> tuple[str, int]:
@@ -62,20 +69,17 @@ def _series(text: str, name: str) -> float:
     return sum(values)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
-def test_greedy_outputs_equal_those_without_speculation(
-    servers: dict[str, Server], vllm_pair: VllmPair, method: str
-) -> None:
+def test_greedy_outputs_equal_those_without_speculation(server: tuple[str, Server], vllm_pair: VllmPair) -> None:
     """The reference is the same tiny artifact served by kiln without speculation (the vLLM pair's)."""
     for prompt in PROMPTS:
         expected = _greedy(vllm_pair.kiln.base, prompt)
         assert expected[1] == 32
-        assert _greedy(servers[method].base, prompt) == expected, prompt
+        assert _greedy(server[1].base, prompt) == expected, prompt
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
-def test_metrics_count_drafted_and_accepted_tokens_as_vllm_does(servers: dict[str, Server], method: str) -> None:
-    base = servers[method].base
+def test_metrics_count_drafted_and_accepted_tokens_as_vllm_does(server: tuple[str, Server]) -> None:
+    method, srv = server
+    base = srv.base
     for prompt in PROMPTS:
         _greedy(base, prompt)
     text = httpx.get(base + "/metrics", timeout=30).text

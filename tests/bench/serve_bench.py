@@ -103,12 +103,12 @@ def vllm_server(model_dir: Path, name: str, logs: Path) -> tuple[Proc, str]:
     return Proc("vllm", cmd, base + "/health", logs), base
 
 
-def kiln_server(model: str, name: str, logs: Path) -> tuple[Proc, str]:
+def kiln_server(model: str, name: str, logs: Path, *extra: str) -> tuple[Proc, str]:
     port = free_port()
     cmd = [
         sys.executable, "-m", "runtime", "serve", model, "--port", str(port),
         "--max-num-seqs", str(MAX_NUM_SEQS), "--kv-cache-gib", str(KV_BYTES / (1 << 30)),
-        "--job-queue-size", "100000",
+        "--job-queue-size", "100000", *extra,
     ]  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     return Proc(name, cmd, base + "/ping", logs), base
