@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -163,7 +164,12 @@ def pull(ref: ArtifactRef, dest: Path) -> Manifest:
         ):
             list(pool.map(lambda e: _fetch(store, e, tmp, advance), manifest.files))
         (tmp / MANIFEST_NAME).write_bytes(manifest.to_bytes())
-        os.rename(tmp, dest)
+        try:
+            os.rename(tmp, dest)
+        except OSError as exc:  # a concurrent pull of the same artifact renamed its copy there first
+            if dest.is_dir() and exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise VerificationError(f"{dest} already exists; another pull of it finished first") from None
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

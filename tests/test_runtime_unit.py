@@ -93,6 +93,45 @@ def test_resolve_reuses_and_repairs_the_pull_cache(tiny_uri: str, kiln_env: Path
     assert (again.path / "tokenizer.json").stat().st_size > 100  # re-fetched, not served damaged
 
 
+def test_two_servers_pulling_one_artifact_at_once_both_start(
+    tiny_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas starting together on one host pull into one cache entry: the second rename finds the first's
+    directory there (ENOTEMPTY). It serves the winner's verified copy instead of failing to start."""
+    import threading
+
+    from artifacts import ops
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))  # an empty pull cache; the store is tiny_uri's
+    barrier = threading.Barrier(2, timeout=30)
+    load = ops.load_manifest
+
+    def together(*args: object, **kwargs: object) -> object:
+        out = load(*args, **kwargs)  # type: ignore[arg-type]
+        barrier.wait()  # both past the manifest, both find no cache entry, both fetch, both rename
+        return out
+
+    monkeypatch.setattr(ops, "load_manifest", together)
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda: results.append(_try(resolve, tiny_uri))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 2
+    assert all(not isinstance(r, Exception) for r in results), results
+    paths = {r.path for r in results}  # type: ignore[attr-defined]
+    assert len(paths) == 1
+    assert not [p for p in paths.pop().parent.iterdir() if p.name.startswith(".pull-")]  # no temporary left
+
+
+def _try(fn: object, *args: object) -> object:
+    try:
+        return fn(*args)  # type: ignore[operator]
+    except Exception as exc:
+        return exc
+
+
 def test_plain_hf_directory_is_accepted_without_manifest(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     model = resolve(str(tmp_path))

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -47,7 +48,9 @@ async def measure(base: str, model: str, prompts: list[str], concurrency: int, m
             while todo:
                 out.results.append(await load.one(client, model, todo.pop(), max_tokens))
 
+        t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+        out.wall = time.perf_counter() - t0
     return out
 
 
@@ -131,13 +134,13 @@ def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Names
     lines = [
         f"n-gram speculation {json.dumps(NGRAM)} vs none: trained tiny model, vLLM CPU, {args.rounds} x "
         f"{args.requests} requests per workload, concurrency {args.concurrency}, {args.max_tokens} output tokens",
-        f"{'workload':<8}{'metric':<16}{'none':>10}{'ngram':>10}{'ngram/none':>12}",
+        f"{'workload':<10}{'metric':<16}{'none':>10}{'ngram':>10}{'ngram/none':>12}",
     ]
     for wl, r in results.items():
         for key in ("output_tok_s", "tpot_p50_ms", "tpot_p90_ms"):
             n, s = r["none"][key], r["ngram"][key]
-            lines.append(f"{wl:<8}{key:<16}{n:>10.2f}{s:>10.2f}{s / n if n else float('nan'):>12.3f}")
-        lines.append(f"{wl:<8}{'acceptance':<16}{'':>10}{r['ngram']['acceptance']:>10.3f}")
+            lines.append(f"{wl:<10}{key:<16}{n:>10.2f}{s:>10.2f}{s / n if n else float('nan'):>12.3f}")
+        lines.append(f"{wl:<10}{'acceptance':<16}{'':>10}{r['ngram']['acceptance']:>10.3f}")
     return "\n".join(lines)
 
 
