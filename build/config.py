@@ -272,7 +272,7 @@ def _speculative_problems(cfg: BuildConfig) -> list[tuple[str, str]]:
             (
                 "compile",
                 "the compile warm-up does not run speculative decoding yet, so its cache would not fit; build with "
-                "compile=none (or build compiled without speculative=… and set option.speculative_config at serve)",
+                "compile=none (a compiled artifact served with option.speculative_config compiles at start)",
             )
         )
     return out
