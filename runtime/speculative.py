@@ -138,7 +138,7 @@ def _draft(ref: str, model_dir: Path) -> tuple[Path | None, str | None]:
         if found.weights is not None:  # a plain S3 checkpoint: its weights too, before the engine reads them
             found.weights.start()
             found.weights.wait()
-    except ArtifactError as exc:
+    except (ArtifactError, OSError) as exc:  # named as the draft's problem, not a start-up traceback
         return None, str(exc)
     if found.manifest is not None and found.manifest.target.task != "generate":
         return None, f"it is a target.task={found.manifest.target.task} artifact, not a text-generation model"
