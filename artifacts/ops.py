@@ -25,6 +25,21 @@ log = logging.getLogger("kiln.artifacts")
 JOBS = min(8, (os.cpu_count() or 2) * 2)
 
 
+def link_tree(src: Path, dest: Path) -> None:
+    """Hard-link the files under ``src`` into ``dest`` (a copy across filesystems): stages that add to a checkpoint
+    (the compile cache, a draft model) make no second copy of its weights."""
+    for path in sorted(src.rglob("*")):
+        target = dest / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copyfile(path, target)
+
+
 def scan_dir(directory: Path) -> list[FileEntry]:
     """Hash every regular file under ``directory`` (except the manifest) into manifest entries.
 

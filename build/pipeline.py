@@ -106,19 +106,17 @@ def _with_draft(
     """Convert the draft model (as the model: same dtype, checks and shards) and package it as ``draft/``."""
     d = cfg.speculative.draft
     assert d.source is not None  # validated: speculative=draft_model needs speculative.draft.source
-    draft_model = ModelConfig(name=f"{cfg.model.name}-draft", source=d.source, revision=d.revision, synth=d.synth)
-    draft_model.allow_pickle = d.allow_pickle
+    draft_model = ModelConfig(
+        name=f"{cfg.model.name}-draft", source=d.source, revision=d.revision, allow_pickle=d.allow_pickle, synth=d.synth
+    )
     params = {**convert_params, "quantize": "none", "allow_pickle": d.allow_pickle}
     try:
         source = acquire(draft_model, cache, force=cfg.force)
         draft = run_stage(DRAFT_CONVERT, params, {"source": source.input}, cache, force=cfg.force)
-    except BuildError as exc:  # the source and convert errors name model.*; here it is the draft's
-
-        def rename(text: str) -> str:
-            return text.replace("model.", "speculative.draft.")
-
-        fix = rename(exc.fix) if exc.fix else None
-        raise BuildError("draft", exc.message, key=rename(exc.key or "model.source"), fix=fix) from None
+    except BuildError as exc:  # the source and convert errors name model.*; here they are the draft's keys
+        fix = exc.fix.replace("model.", "speculative.draft.") if exc.fix else None
+        key = (exc.key or "model.source").replace("model.", "speculative.draft.")
+        raise BuildError("draft", exc.message, key=key, fix=fix) from None
     stages += [source.stage, draft] if source.stage is not None else [draft]
     inputs = {"model": _input(model), "draft": _input(draft)}
     packaged = run_stage(DRAFT, {"folder": DRAFT_FOLDER}, inputs, cache, force=cfg.force)

@@ -29,6 +29,7 @@ from typing import Any
 
 from artifacts.errors import StageError
 from artifacts.manifest import COMPILE_CACHE_DIR
+from artifacts.ops import link_tree
 from artifacts.paths import cache_root
 from compile.config import CompileConfig
 
@@ -70,7 +71,7 @@ def run(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path) -> dic
     serving block: what ``serve`` will derive the engine settings from."""
     cfg = VllmCompileConfig(**params["config"])
     model = inputs["model"]
-    _link_tree(model, out)
+    link_tree(model, out)
     report = _warm_up(out, params["target"], params["serving"], cfg, log_path=out.parent / "warmup.log")
     files = [p for p in (out / COMPILE_CACHE_DIR).rglob("*") if p.is_file()]
     log.info("compile: %d cache files", len(files))
@@ -80,20 +81,6 @@ def run(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path) -> dic
         "cache_bytes": sum(p.stat().st_size for p in files),
         "warmup": {k: report[k] for k in ("engine_start_s", "total_s")},
     }
-
-
-def _link_tree(src: Path, dest: Path) -> None:
-    """Hard-link the checkpoint's files into ``dest`` (a copy across filesystems): no second copy of the weights."""
-    for path in sorted(src.rglob("*")):
-        target = dest / path.relative_to(src)
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copyfile(path, target)
 
 
 def _warm_up(

@@ -24,7 +24,6 @@ from artifacts.logs import setup_logging
 from runtime import process
 from runtime.app import Startup, configure, serve
 from runtime.config import FIELDS, ConfigError, ServeConfig, as_json, render
-from runtime.engines.base import Speculation
 from runtime.host import TargetMismatchError
 
 log = logging.getLogger("kiln.runtime")
@@ -118,7 +117,7 @@ def print_config(startup: Startup, as_json_output: bool) -> None:
             "model": {"location": startup.location.target, "kind": startup.model.kind},
             "quantization": plan.quantization,
             "task": s.task,
-            "speculative": _speculation(s.speculative),
+            "speculative": s.speculative.config() if s.speculative else None,
             "engine_args": plan.spec.native_args(s),
         }
         print(json.dumps(doc, indent=2, default=str))
@@ -134,12 +133,6 @@ def print_config(startup: Startup, as_json_output: bool) -> None:
         + (f", speculative {s.speculative.method} x{s.speculative.num_speculative_tokens}" if s.speculative else "")
         + ")"
     )
-
-
-def _speculation(sp: Speculation | None) -> dict[str, Any] | None:
-    if sp is None:
-        return None
-    return {"method": sp.method, "num_speculative_tokens": sp.num_speculative_tokens, "draft": sp.draft, **sp.options}
 
 
 def run() -> int:

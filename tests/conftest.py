@@ -277,38 +277,56 @@ class FakeServer:
 
 
 @contextmanager
+def fake_registered() -> Iterator[None]:
+    """The fake engine in the registry while the block runs (the registry tests see only kiln's engines)."""
+    from runtime import engines
+
+    added = "fake" not in engines.ENGINES
+    engines.register("fake", "tests.fake_engine")
+    try:
+        yield
+    finally:
+        if added:
+            engines.ENGINES.pop("fake", None)
+
+
+def configure_with_fake(model: Path | str, options: list[str], env: dict[str, str] | None = None, **cli: Any) -> Any:
+    """``runtime.app.configure`` (the start-up checks, in this process) with the fake engine registered."""
+    from runtime.app import configure
+
+    with fake_registered():
+        return configure({"model": str(model), **cli}, options, env or {})
+
+
+@contextmanager
 def fake_server(model_dir: Path, *options: str, env: dict[str, str] | None = None, **cli: Any) -> Iterator[FakeServer]:
     """kiln's real server (configuration, app, uvicorn on a loopback port) with the fake engine, in a thread of this
     process: ``options`` are ``--option`` pairs, ``cli`` flag values (``job_queue_size=3``)."""
-    from runtime import engines
     from runtime.app import configure, make_server
 
-    added = "fake" not in engines.ENGINES
-    engines.register("fake", "tests.fake_engine")  # for this server's life: the registry tests see only kiln's
-    port = free_port()
-    flags = {"model": str(model_dir), "engine": "fake", "port": port, **cli}
-    startup = configure(flags, list(options), {"HF_HUB_OFFLINE": "1", **(env or {})})
-    server, _ = make_server(startup)
-    thread = threading.Thread(target=server.run, name="fake-server", daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    with fake_registered():  # for this server's life
+        port = free_port()
+        flags = {"model": str(model_dir), "engine": "fake", "port": port, **cli}
+        startup = configure(flags, list(options), {"HF_HUB_OFFLINE": "1", **(env or {})})
+        server, _ = make_server(startup)
+        thread = threading.Thread(target=server.run, name="fake-server", daemon=True)
+        thread.start()
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base + "/ping", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the fake-engine server did not become ready")
         try:
-            if httpx.get(base + "/ping", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    else:
-        raise AssertionError("the fake-engine server did not become ready")
-    try:
-        yield FakeServer(base, server.config.app)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        if added:
-            engines.ENGINES.pop("fake", None)
+            yield FakeServer(base, server.config.app)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
 
 
 def start_fake_process(model_dir: Path, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Server:

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import FakeServer, fake_server, run_cli
+from tests.conftest import FakeServer, configure_with_fake, fake_server, run_cli
 
 pytestmark = pytest.mark.unit
 TEXTS = ["a cat sits", "a kitten is sitting", "stock market crash", "the weather is nice today"]
@@ -196,19 +196,6 @@ def test_an_engine_failure_is_a_424_and_serving_goes_on(server: FakeServer) -> N
 # -- configuration: the task's names and where it comes from -------------------------------------------------------
 
 
-def _configure(model: Path | str, options: list[str], env: dict[str, str] | None = None, **cli: Any) -> Any:
-    from runtime import engines
-    from runtime.app import configure
-
-    added = "fake" not in engines.ENGINES
-    engines.register("fake", "tests.fake_engine")
-    try:
-        return configure({"model": str(model), **cli}, options, env or {})
-    finally:
-        if added:
-            engines.ENGINES.pop("fake", None)
-
-
 @pytest.mark.parametrize(
     ("options", "env", "task"),
     [
@@ -220,11 +207,11 @@ def _configure(model: Path | str, options: list[str], env: dict[str, str] | None
     ],
 )
 def test_the_task_from_lmi_names(tiny_dir: Path, options: list[str], env: dict[str, str], task: str) -> None:
-    assert _configure(tiny_dir, options, env, engine="fake").plan.settings.task == task
+    assert configure_with_fake(tiny_dir, options, env, engine="fake").plan.settings.task == task
 
 
 def test_a_plain_encoder_directory_is_served_as_an_embedding_model(minilm_dir: Path) -> None:
-    plan = _configure(minilm_dir, [], engine="fake").plan
+    plan = configure_with_fake(minilm_dir, [], engine="fake").plan
     assert plan.settings.task == "embed"
 
 
@@ -232,26 +219,26 @@ def test_an_unknown_task_is_refused_naming_the_known_ones(tiny_dir: Path) -> Non
     from runtime.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"task.*'translation'.*text-embedding"):
-        _configure(tiny_dir, ["task=translation"], engine="fake")
+        configure_with_fake(tiny_dir, ["task=translation"], engine="fake")
 
 
 def test_an_artifact_keeps_its_task(tiny_uri: str, minilm_uri: str) -> None:
     from runtime.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"target\.task: task=embed is set, and the artifact was built for .*gen"):
-        _configure(tiny_uri, ["task=embed"])
-    assert _configure(minilm_uri, []).plan.settings.task == "embed"
+        configure_with_fake(tiny_uri, ["task=embed"])
+    assert configure_with_fake(minilm_uri, []).plan.settings.task == "embed"
 
 
 def test_lora_is_refused_for_an_embedding_model(minilm_uri: str) -> None:
     from runtime.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"LoRA adapters are served for text generation.*task=embed"):
-        _configure(minilm_uri, ["enable_lora=true"])
+        configure_with_fake(minilm_uri, ["enable_lora=true"])
 
 
 def test_vllm_runs_an_embedding_model_with_its_pooling_runner(minilm_uri: str) -> None:
-    plan = _configure(minilm_uri, []).plan
+    plan = configure_with_fake(minilm_uri, []).plan
     args = plan.spec.native_args(plan.settings)
     assert args["runner"] == "pooling"
     # sentence-transformers truncates at max_seq_length (256), so the artifact's limit is that, not 512 positions

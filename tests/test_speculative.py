@@ -13,31 +13,18 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import build, fake_server, run_cli
+from tests.conftest import build, configure_with_fake, fake_server, run_cli
 
 pytestmark = pytest.mark.unit
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 
 
-def _configure(model: Path | str, options: list[str], env: dict[str, str] | None = None, **cli: Any) -> Any:
-    from runtime import engines
-    from runtime.app import configure
-
-    added = "fake" not in engines.ENGINES
-    engines.register("fake", "tests.fake_engine")
-    try:
-        return configure({"model": str(model), **cli}, options, env or {})
-    finally:
-        if added:
-            engines.ENGINES.pop("fake", None)
-
-
 def _problems(model: Path | str, options: list[str], env: dict[str, str] | None = None, **cli: Any) -> str:
     from runtime.config import ConfigError
 
     with pytest.raises(ConfigError) as err:
-        _configure(model, options, env, **cli)
+        configure_with_fake(model, options, env, **cli)
     return str(err.value)
 
 
@@ -54,7 +41,7 @@ def other_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_an_ngram_config_from_the_environment_reaches_the_engine(tiny_dir: Path) -> None:
-    startup = _configure(tiny_dir, [], {"OPTION_SPECULATIVE_CONFIG": json.dumps(NGRAM)}, engine="fake")
+    startup = configure_with_fake(tiny_dir, [], {"OPTION_SPECULATIVE_CONFIG": json.dumps(NGRAM)}, engine="fake")
     sp = startup.plan.settings.speculative
     assert (sp.method, sp.num_speculative_tokens, sp.draft) == ("ngram", 3, None)
     assert dict(sp.options) == {"prompt_lookup_max": 3, "prompt_lookup_min": 1}
@@ -62,7 +49,7 @@ def test_an_ngram_config_from_the_environment_reaches_the_engine(tiny_dir: Path)
 
 
 def test_vllm_gets_the_config_with_the_draft_as_a_local_directory(draft_spec_uri: str) -> None:
-    startup = _configure(draft_spec_uri, [])
+    startup = configure_with_fake(draft_spec_uri, [])
     args = startup.plan.spec.native_args(startup.plan.settings)
     conf = args["speculative_config"]
     assert conf["method"] == "draft_model"
@@ -74,21 +61,23 @@ def test_vllm_gets_the_config_with_the_draft_as_a_local_directory(draft_spec_uri
 
 def test_lmi_draft_model_names_make_a_draft_model_config(tiny_uri: str, draft_dir: Path) -> None:
     options = [f"speculative_draft_model={draft_dir}", "speculative_length=5", "draft_model_tp_size=1"]
-    sp = _configure(tiny_uri, options).plan.settings.speculative
+    sp = configure_with_fake(tiny_uri, options).plan.settings.speculative
     assert (sp.method, sp.num_speculative_tokens, sp.draft) == ("draft_model", 5, draft_dir.resolve())
     assert dict(sp.options) == {"draft_tensor_parallel_size": 1}
     # LMI's default length when only the draft is named
     assert (
-        _configure(tiny_uri, [f"speculative_draft_model={draft_dir}"]).plan.settings.speculative.num_speculative_tokens
+        configure_with_fake(
+            tiny_uri, [f"speculative_draft_model={draft_dir}"]
+        ).plan.settings.speculative.num_speculative_tokens
         == 4
     )
 
 
 def test_an_operator_config_overrides_the_artifacts(draft_spec_uri: str) -> None:
-    sp = _configure(draft_spec_uri, [f"speculative_config={json.dumps(NGRAM)}"]).plan.settings.speculative
+    sp = configure_with_fake(draft_spec_uri, [f"speculative_config={json.dumps(NGRAM)}"]).plan.settings.speculative
     assert (sp.method, sp.draft) == ("ngram", None)
     # LMI's length alone adjusts the recorded draft-model config
-    sp = _configure(draft_spec_uri, ["speculative_length=3"]).plan.settings.speculative
+    sp = configure_with_fake(draft_spec_uri, ["speculative_length=3"]).plan.settings.speculative
     assert (sp.method, sp.num_speculative_tokens) == ("draft_model", 3)
 
 
@@ -161,7 +150,7 @@ def test_a_missing_or_damaged_draft_is_refused(tiny_uri: str, draft_dir: Path, t
 def test_runtime_config_shows_the_speculation(draft_spec_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
     from runtime.__main__ import print_config
 
-    startup = _configure(draft_spec_uri, [])
+    startup = configure_with_fake(draft_spec_uri, [])
     print_config(startup, True)
     doc = json.loads(capsys.readouterr().out)
     assert doc["speculative"]["method"] == "draft_model"

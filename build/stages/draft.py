@@ -5,12 +5,11 @@ where the filesystem allows, so a large model is not copied again."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from artifacts.ops import link_tree
 from artifacts.tokenizers import tokenizer_mismatch
 from build.errors import BuildError
 
@@ -25,8 +24,8 @@ def run(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path) -> dic
             key="speculative.draft.source",
             fix="use a draft model with the model's tokenizer (usually a smaller model of the same family)",
         )
-    _link_tree(model, out)
-    _link_tree(draft, out / folder)
+    link_tree(model, out)
+    link_tree(draft, out / folder)
     cfg = json.loads((draft / "config.json").read_text())
     return {
         "draft": {
@@ -36,13 +35,3 @@ def run(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path) -> dic
             "vocab_size": cfg.get("vocab_size"),
         }
     }
-
-
-def _link_tree(src: Path, dest: Path) -> None:
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
-        target = dest / path.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:  # another filesystem, or links not allowed
-            shutil.copyfile(path, target)

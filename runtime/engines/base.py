@@ -103,6 +103,11 @@ class Speculation:
     draft: Path | None = None  # draft_model: a verified local checkpoint sharing the target's tokenizer
     options: Mapping[str, Any] = field(default_factory=dict)  # the method's other keys (prompt_lookup_max …)
 
+    def config(self) -> dict[str, Any]:
+        """As a ``speculative_config`` object (vLLM's form, and the one an artifact records), the draft by path."""
+        conf = {"method": self.method, "num_speculative_tokens": self.num_speculative_tokens, **self.options}
+        return conf | ({"model": str(self.draft)} if self.draft is not None else {})
+
 
 @dataclass(frozen=True)
 class EmbedSpec:

@@ -61,9 +61,7 @@ def engine_kwargs(s: EngineSettings) -> dict[str, Any]:
         if s.lora.max_cpu_loras is not None:
             kwargs["max_cpu_loras"] = s.lora.max_cpu_loras + spare
     if s.speculative is not None:
-        sp = s.speculative
-        conf = {"method": sp.method, "num_speculative_tokens": sp.num_speculative_tokens, **sp.options}
-        kwargs["speculative_config"] = conf | ({"model": str(sp.draft)} if sp.draft is not None else {})
+        kwargs["speculative_config"] = s.speculative.config()
     kwargs.update(s.extra)
     return kwargs
 
