@@ -1,6 +1,7 @@
 """``python -m runtime serve [URI|DIR|HUB_ID]`` — verify an artifact, check it fits this host, and serve it.
 ``python -m runtime config [URI|DIR|HUB_ID]`` — print the resolved serving configuration and where each value came
 from.
+``python -m runtime bench URL|--endpoint-name NAME --tokenizer DIR`` — load-test an endpoint (``runtime/bench``).
 
 With no model both read the model named by ``HF_MODEL_ID`` / ``OPTION_MODEL_ID``, or SageMaker's model directory
 (``$SM_MODEL_DIR`` or ``/opt/ml/model``); then the server listens on 0.0.0.0:8080 (container mode). Settings come
@@ -60,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="serve a model over HTTP")
     config_p = sub.add_parser("config", help="print the resolved configuration with the source of every value")
+    sub.add_parser("bench", help="load-test an endpoint (python -m runtime bench --help)", add_help=False)
     config_p.add_argument("--json", action="store_true", help="JSON instead of a table")
     for p in (serve_p, config_p):
         p.add_argument("model", nargs="?", help="artifact URI, artifact or Hugging Face directory, or hub id")
@@ -76,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own flags (vllm bench serve's names), not the serving settings
+        from runtime.bench.cli import main as bench
+
+        return bench(argv[1:])
     args = _parser().parse_args(argv)
     setup_logging("INFO" if args.command == "serve" else "WARNING")
     cli = {"model": args.model, **{name: getattr(args, name) for name in flags()}}
