@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import nox
@@ -63,10 +64,11 @@ def demo(session: nox.Session) -> None:
     session.run(str(bin_dir / "python"), "tests/demo.py", *session.posargs, env=_env(bin_dir), external=True)
 
 
-# `nox -s bench` runs every part; `nox -s bench -- serve s3` runs the named ones. Each part measures kiln against
-# its peer in the same run and prints ratios.
+# `nox -s bench` runs every part; `nox -s bench -- serve s3` runs the named ones; `-- --quick` a few minutes of them
+# (QUICK). Each part measures kiln against its peer in the same run; tests/bench/report.py then writes
+# tests/bench/results/<date>-<machine>.{json,md,png} and the README's performance section.
 BENCH_PARTS = {
-    "serve": "tests.bench.serve_bench",  # vLLM's own OpenAI server vs python -m runtime serve; transformers engine
+    "serve": "tests.bench.serve_bench",  # vllm bench serve against vLLM's server and kiln's; offline; transformers
     "s3": "tests.bench.s3_pull",  # S3 pull vs boto3 download_file; publish and no-op re-publish
     "quantize": "tests.bench.quantize_time",  # kiln's quantize stage vs llm-compressor's oneshot called directly
     "cold_start": "tests.bench.cold_start",  # serve start-up: precompiled artifact vs plain vLLM compiling at start
@@ -75,18 +77,27 @@ BENCH_PARTS = {
     "s3_cold_start": "tests.bench.s3_cold_start",  # ~1 GiB from S3: kiln (prefix, artifact) vs runai streamer vs LMI
     "speculative": "tests.bench.speculative",  # n-gram speculation vs none on vLLM CPU: prompt-copying and fresh
 }
+QUICK = ["serve", "s3"]  # what `-- --quick` runs (each with its own --quick); other parts come from earlier runs
+HAS_QUICK = {"serve", "s3", "cold_start"}
 
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """Benchmarks (ratios against the peer measured in the same run). Args: part names (default: all)."""
+    """Benchmarks (ratios against the peer measured in the same run). Args: part names (default: all), --quick."""
     bin_dir = shared_env(session)
-    unknown = [p for p in session.posargs if p not in BENCH_PARTS]
+    quick = "--quick" in session.posargs
+    names = [p for p in session.posargs if p != "--quick"]
+    unknown = [p for p in names if p not in BENCH_PARTS]
     if unknown:
         session.error(f"unknown bench part(s) {unknown}; known: {sorted(BENCH_PARTS)}")
-    for part in session.posargs or list(BENCH_PARTS):
-        session.log(f"bench part {part!r}")
-        session.run(str(bin_dir / "python"), "-m", BENCH_PARTS[part], env=_env(bin_dir), external=True)
+    python = str(bin_dir / "python")
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-parts-") as parts:
+        for part in names or (QUICK if quick else list(BENCH_PARTS)):
+            session.log(f"bench part {part!r}")
+            extra = ["--quick"] if quick and part in HAS_QUICK else []
+            args = [python, "-m", BENCH_PARTS[part], "--json", f"{parts}/{part}.json", *extra]
+            session.run(*args, env=_env(bin_dir), external=True)
+        session.run(python, "-m", "tests.bench.report", parts, *(["--quick"] if quick else []), external=True)
 
 
 @nox.session

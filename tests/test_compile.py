@@ -81,6 +81,7 @@ def key_isa(flags: list[str]) -> str:
     )
 
 
+@pytest.mark.slow  # a second compile warm-up (~80 s); stage keys and reruns: test_stage_cache.py, test_build.py
 def test_rebuilds_redo_only_what_changed(compiled_uri: str) -> None:
     noop = run_cli("build", "compile=vllm")
     assert noop.returncode == 0, noop.stderr

@@ -1,7 +1,7 @@
 """Cold start of the tiny artifact: ``python -m runtime serve`` with the packaged compile cache, without it, and
 bare ``python -m vllm.entrypoints.openai.api_server`` on the same weights, in the same run.
 
-    python -m tests.bench.cold_start [--rounds 2] [--out results.json]
+    python -m tests.bench.cold_start [--rounds 2] [--json results.json]
 
 Every start is a new process on a "new machine" (empty torch inductor, vLLM and kiln caches), as a fresh
 container would be, except "bare vLLM, warm cache", which reuses vLLM's own caches from an earlier start on this
@@ -47,15 +47,18 @@ PHASES = [  # (label, log pattern): the moment each phase ends
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--out", type=Path)
+    p.add_argument("--quick", action="store_true", help="one round")
+    p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
+    if args.quick:
+        args.rounds = 1
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-cold-"))
     try:
         results = bench(work, args.rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 def bench(work: Path, rounds: int) -> dict[str, object]:
@@ -102,11 +105,10 @@ def report(starts: dict[str, list[Start]]) -> dict[str, object]:
     for name, runs in starts.items():
         print(f"\nphases of one start: {name}\n| ends at s | phase |\n|---|---|")
         s = runs[-1]
-        for label, pattern in PHASES:
-            t = s.at(pattern)
-            if t is not None:
-                print(f"| {t:.1f} | {label} |")
-        print(f"| {s.first_token_s:.1f} | first token |")
+        phases = [(label, t) for label, pattern in PHASES if (t := s.at(pattern)) is not None]
+        for label, t in [*phases, ("first token", s.first_token_s)]:
+            print(f"| {t:.1f} | {label} |")
+        out[name]["phases"] = [[label, t] for label, t in phases] + [["first token", s.first_token_s]]  # type: ignore[index]
     return out
 
 

@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-mp-"))
     try:
@@ -66,9 +67,13 @@ def main() -> None:
         f"\n| layout ({args.clients} clients, {args.requests} x {args.tokens} tokens) | output tok/s | TTFT p50 s "
         "| TTFT p90 s | start -> first token s |\n|---|---|---|---|---|"
     )
+    figures = {}
     for name, runs in rows.items():
         cols = [median([run[i] for run in runs]) for i in range(4)]
         print(f"| {name} | {cols[1]:.0f} | {cols[2]:.2f} | {cols[3]:.2f} | {cols[0]:.1f} |")
+        figures[name] = dict(zip(("first_token_s", "output_throughput", "ttft_p50_s", "ttft_p90_s"), cols, strict=True))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 def _serve(model: Path, port: int) -> list[str]:

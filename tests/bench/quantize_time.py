@@ -2,7 +2,7 @@
 the same recipe and the same calibration windows, in the same run, on the tiny model and a larger synthesized one.
 
     python -m tests.bench.quantize_time [--methods gptq,awq,smoothquant,fp8] [--rounds 2] [--sizes tiny,medium]
-                                        [--out results.json]
+                                        [--json results.json]
 
 Both sides run in the llm-compressor toolchain interpreter, one fresh process per measurement, alternating
 which goes first, and time their work after imports:
@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--sizes", default="tiny,medium")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--out", type=Path)
+    p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-quantize-"))
     env = {**os.environ, "KILN_CACHE": str(work / "cache")}
@@ -64,8 +64,8 @@ def main() -> None:
                 _print_row(rows[-1])
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
 
 
 def _toolchain_python() -> str:

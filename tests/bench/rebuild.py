@@ -1,7 +1,7 @@
 """Incremental builds of the tiny artifact with ``compile=vllm``: the cold build, the no-op rebuild, and the rebuild
 after changing only the compile config.
 
-    python -m tests.bench.rebuild [--rounds 3] [--out results.json]
+    python -m tests.bench.rebuild [--rounds 3] [--json results.json]
 
 All in a private kiln cache. The no-op rebuild must do no stage work and print the same URI (target: <= 2 s);
 the compile-config change must reuse synth and convert and redo only compile.
@@ -23,7 +23,7 @@ from tests.bench._serve import median, run
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", type=Path)
+    p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-rebuild-"))
     env = {**os.environ, "KILN_CACHE": str(work / "cache")}
@@ -42,8 +42,8 @@ def main() -> None:
         print(f"| {name} | {median(walls):.2f} | {', '.join(f'{w:.2f}' for w in walls)} | {runs[-1]['stages']} |")
     uris = {r["uri"] for r in results["cold build"] + results["no-op rebuild"]}
     print(f"\nno-op rebuilds printed the cold build's URI: {len(uris) == 1}")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 def _build(env: dict[str, str], *overrides: str) -> dict[str, object]:

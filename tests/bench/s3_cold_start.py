@@ -1,6 +1,6 @@
 """Cold start from S3: process start → first streamed token for a ~1 GiB checkpoint on a loopback S3 server.
 
-    python -m tests.bench.s3_cold_start [--rounds 1] [--only abcd] [--server rclone|moto] [--out results.json]
+    python -m tests.bench.s3_cold_start [--rounds 1] [--only abcd] [--server rclone|moto] [--json results.json]
 
 Four ways, interleaved, each on a "new machine" (empty kiln, torch and vLLM caches; see tests/bench/_serve.py):
 
@@ -58,7 +58,7 @@ STREAMER = "(c) vLLM --load-format runai_streamer"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--out", type=Path)
+    p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--only", default="abcd", help="which ways to run, by letter (default: abcd)")
     p.add_argument("--server", choices=("rclone", "moto"), default="rclone", help="the loopback S3 server")
     args = p.parse_args()
@@ -69,8 +69,8 @@ def main() -> None:
             results = bench(work, endpoint, args.rounds, args.only)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 def bench(work: Path, endpoint: str, rounds: int, only: str = "abcd") -> dict[str, object]:

@@ -17,6 +17,7 @@ variant's time over kiln's: above 1.0 kiln is faster.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -120,16 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="256 MiB, one round")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.size_mib, args.rounds = 256, 1
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
     os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp, moto_server() as endpoint:
         os.environ["AWS_ENDPOINT_URL"] = endpoint
-        run(Path(tmp), args.size_mib, args.rounds)
+        figures = run(Path(tmp), args.size_mib, args.rounds)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
     return 0
 
 
-def run(tmp: Path, size_mib: int, rounds: int) -> None:
+def run(tmp: Path, size_mib: int, rounds: int) -> dict[str, Any]:
     import boto3
 
     client = boto3.session.Session().client("s3")
@@ -165,6 +172,18 @@ def run(tmp: Path, size_mib: int, rounds: int) -> None:
     row("boto3 download_file, one file after another", s, f"runs: {', '.join(f'{x:.2f}' for x in seq)}")
     row("boto3 download_file, all files at once", p, f"runs: {', '.join(f'{x:.2f}' for x in par)}")
     print(f"pull ratio (faster boto3 / kiln): {min(s, p) / k:.2f}x")
+    mib_s = {  # transfer rates, MiB/s (the pulls: medians)
+        "kiln publish": rate / t_publish,
+        "boto3 upload_file": rate / t_upload,
+        "kiln pull": rate / k,
+        "boto3 download_file, sequential": rate / s,
+        "boto3 download_file, parallel": rate / p,
+    }
+    return {
+        "size_mib": rate, "rounds": rounds, "server": "moto", "mib_per_s": mib_s, "republish_s": t_noop,
+        "pull_s": {"kiln": kiln, "boto3 sequential": seq, "boto3 parallel": par},
+        "pull_ratio": min(s, p) / k, "publish_ratio": t_upload / t_publish,
+    }  # fmt: skip
 
 
 def endpoint_of() -> str:

@@ -1,19 +1,25 @@
-"""``nox -s bench``: the same streaming load against vLLM's own OpenAI server and ``python -m runtime serve``, on
-the same weights and engine settings, in one run; then the transformers engine's throughput on the same load.
+"""``nox -s bench -- serve``: kiln's server beside vLLM's own OpenAI server, on the same weights and engine settings, in
+one run, loaded by vLLM's own client (``vllm bench serve``); and the same engine offline (``vllm bench throughput``).
 
-Both vLLM-backed servers run side by side and the measured rounds alternate between them (which goes first
-alternates too), so drift in the machine's load hits both alike. Reported as kiln/vLLM ratios: request and output
-token throughput (targets >= 0.97), TTFT p50 (target <= 1.05), p90, p99 and inter-token latency p50/p90/p99; and
-the CPU time the server's own process (HTTP, formatting, detokenization; not the engine core) spends per output
-token, which is kiln's per-token overhead measured directly and barely moved by other load on the machine.
+- Both servers run side by side. Rounds alternate between them (which goes first alternates too), at each
+  concurrency of the sweep, so drift in the machine's load hits both alike.
+- The workload is the common shape: random prompts, a fixed output length with ``ignore_eos``, streaming
+  ``/v1/completions``, closed loop at each concurrency.
+- Reported per concurrency:
+  - throughput and TTFT/ITL percentiles for each server, and kiln/vLLM ratios with their spread over rounds;
+  - peak RSS of each server's process tree under that load;
+  - the CPU time the server's own process spends per output token (HTTP, formatting, detokenization; not the
+    engine core).
+- At the top concurrency, each server's throughput against the engine offline on the same work ("moonshot 2":
+  kiln/offline ≥ 0.8).
+- The transformers engine's throughput at the top concurrency follows, unless ``--hf-requests 0``.
 
-    python -m tests.bench.serve_bench [--requests 256] [--concurrency 64] [--max-tokens 64] [--rounds 4]
+    python -m tests.bench.serve_bench [--concurrency 1,8,32,64] [--rounds 2] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -21,18 +27,25 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 
-from tests.bench import load
+from tests.bench import vllm_client
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_NUM_SEQS = 64
 KV_BYTES = 1 << 30
-TARGETS = {"request_throughput": 0.97, "output_throughput": 0.97, "ttft_p50_ms": 1.05}
+MAX_MODEL_LEN = 2048
+SERVERS = ("vllm", "kiln")
+TARGETS = {"output_throughput": 0.97, "p50_ttft_ms": 1.05}  # kiln/vLLM at every concurrency
+OFFLINE_TARGET = 0.8  # kiln's HTTP throughput / the engine offline
 
 
 def log(msg: str) -> None:
@@ -66,21 +79,31 @@ class Proc:
 
     def wait_ready(self, timeout: float = 900) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.p.poll() is not None:
-                raise SystemExit(f"{self.name} exited:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(self.health, timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
+        with httpx.Client(timeout=5) as client:  # one client: a new one per poll costs the servers CPU
+            while time.monotonic() < deadline:
+                if self.p.poll() is not None:
+                    raise SystemExit(f"{self.name} exited:\n{self.log.read_text()[-4000:]}")
+                try:
+                    if client.get(self.health).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(1)
         raise SystemExit(f"{self.name} not ready after {timeout}s")
 
     def cpu_seconds(self) -> float:
         """CPU time of the server process itself (its engine core runs in child processes, not counted)."""
         t = psutil.Process(self.p.pid).cpu_times()
         return float(t.user + t.system)
+
+    def tree_rss(self) -> int:
+        """Resident memory of the server and all its children (engine core, workers), bytes."""
+        root = psutil.Process(self.p.pid)
+        total = 0
+        for proc in [root, *root.children(recursive=True)]:
+            with suppress(psutil.NoSuchProcess):  # a child that just exited
+                total += proc.memory_info().rss
+        return total
 
     def stop(self) -> None:
         if self.p.poll() is None:
@@ -91,139 +114,223 @@ class Proc:
                 self.p.kill()
 
 
+@contextmanager
+def peak_rss(proc: Proc, every: float = 0.25) -> Iterator[list[int]]:
+    """Samples the process tree's RSS while the block runs; the list holds the peak afterwards."""
+    peak = [proc.tree_rss()]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(every):
+            peak[0] = max(peak[0], proc.tree_rss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        thread.join()
+
+
+def engine_flags() -> list[str]:
+    """The engine settings both servers and the offline run share (vLLM's flag names)."""
+    return ["--max-num-seqs", str(MAX_NUM_SEQS), "--kv-cache-memory-bytes", str(KV_BYTES), "--dtype", "bfloat16",
+            "--max-model-len", str(MAX_MODEL_LEN)]  # fmt: skip
+
+
 def vllm_server(model_dir: Path, name: str, logs: Path) -> tuple[Proc, str]:
     port = free_port()
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
-        "--max-num-seqs", str(MAX_NUM_SEQS), "--kv-cache-memory-bytes", str(KV_BYTES),
-        "--dtype", "bfloat16", "--max-model-len", "2048", "--uvicorn-log-level", "warning",
-    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *engine_flags(),
+           "--uvicorn-log-level", "warning"]  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     return Proc("vllm", cmd, base + "/health", logs), base
 
 
 def kiln_server(model: str, name: str, logs: Path, *extra: str) -> tuple[Proc, str]:
     port = free_port()
-    cmd = [
-        sys.executable, "-m", "runtime", "serve", model, "--port", str(port),
-        "--max-num-seqs", str(MAX_NUM_SEQS), "--kv-cache-gib", str(KV_BYTES / (1 << 30)),
-        "--job-queue-size", "100000", *extra,
-    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "runtime", "serve", model, "--port", str(port),
+           "--max-num-seqs", str(MAX_NUM_SEQS), "--kv-cache-gib", str(KV_BYTES / (1 << 30)),
+           "--max-model-len", str(MAX_MODEL_LEN), "--job-queue-size", "100000", *extra]  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     return Proc(name, cmd, base + "/ping", logs), base
 
 
-def measure(base: str, model: str, args: argparse.Namespace, requests: int, seed: int) -> load.Run:
-    return asyncio.run(load.run(base, model, requests, args.concurrency, args.max_tokens, seed=seed))
+def workload(args: argparse.Namespace, concurrency: int, seed: int, requests: int | None = None) -> list[str]:
+    n = requests or max(args.min_requests, args.requests_per_stream * concurrency)
+    shape = {"num-prompts": n, "random-input-len": args.input_len, "random-output-len": args.max_tokens,
+             "max-concurrency": concurrency, "seed": seed}  # fmt: skip
+    return [*(x for k, v in shape.items() for x in (f"--{k}", str(v))), "--ignore-eos"]
 
 
-def compare(args: argparse.Namespace, model_dir: Path, logs: Path) -> dict[str, dict[str, float]]:
-    (vp, vbase), (kp, kbase) = vllm_server(model_dir, "tiny-llama", logs), kiln_server(str(model_dir), "kiln", logs)
+def load(proc: Proc, base: str, model: str, tokenizer: Path, flags: list[str]) -> dict[str, Any]:
+    """One ``vllm bench serve`` run, with the server's CPU time and peak RSS over it."""
+    before = proc.cpu_seconds()
+    with peak_rss(proc) as peak:
+        figures = vllm_client.run(base, model, tokenizer, *flags)
+    cpu = proc.cpu_seconds() - before
+    tokens = figures["total_output_tokens"]
+    return figures | {"server_cpu_us_per_token": 1e6 * cpu / tokens if tokens else None, "peak_rss_bytes": peak[0]}
+
+
+KEYS = ("request_throughput", "output_throughput", "mean_ttft_ms", "p50_ttft_ms", "p90_ttft_ms", "p99_ttft_ms",
+        "p50_itl_ms", "p90_itl_ms", "p99_itl_ms", "failed", "server_cpu_us_per_token", "peak_rss_bytes")  # fmt: skip
+
+
+def sweep(args: argparse.Namespace, model_dir: Path, logs: Path) -> dict[str, Any]:
+    vp, vbase = vllm_server(model_dir, "tiny-llama", logs)
+    kp, kbase = kiln_server(str(model_dir), "kiln", logs, "--served-model-name", "tiny-llama")
+    procs = {"vllm": (vp, vbase), "kiln": (kp, kbase)}
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {s: {c: [] for c in args.concurrency} for s in SERVERS}
     try:
-        for p in (vp, kp):
+        for p, _ in procs.values():
             p.wait_ready()
-        log("both servers ready; warming up")
-        for base in (vbase, kbase):
-            measure(base, "tiny-llama", args, args.concurrency, seed=99)
-        runs = {"vllm": load.Run(), "kiln": load.Run()}
-        cpu = {"vllm": 0.0, "kiln": 0.0}
-        rounds: dict[str, list[float]] = {"vllm": [], "kiln": []}
+        log("both servers ready; warming up (not measured)")
+        for _, base in procs.values():
+            vllm_client.run(base, "tiny-llama", model_dir, *workload(args, 8, seed=99, requests=16))
         for r in range(args.rounds):
-            order = [("vllm", vp, vbase), ("kiln", kp, kbase)]
-            for name, proc, base in order if r % 2 == 0 else order[::-1]:
-                before = proc.cpu_seconds()
-                run = measure(base, "tiny-llama", args, args.requests, seed=r)
-                cpu[name] += proc.cpu_seconds() - before
-                rounds[name].append(run.summary()["output_throughput"])
-                log(f"round {r + 1}/{args.rounds} {name}: {rounds[name][-1]:.0f} tok/s")
-                runs[name].merge(run)
-        out = {}
-        for name, run in runs.items():
-            tokens = sum(x.tokens for x in run.results)
-            if run.errors:
-                log(f"{name} failures (first {len(run.errors)}): {run.errors}")
-            out[name] = run.summary() | {
-                "server_cpu_us_per_token": 1e6 * cpu[name] / tokens if tokens else float("nan"),
-                "round_min_tok_s": min(rounds[name]),
-                "round_max_tok_s": max(rounds[name]),
-            }
-        return out
+            for c in args.concurrency:
+                order = list(SERVERS) if (r + args.concurrency.index(c)) % 2 == 0 else list(SERVERS)[::-1]
+                for name in order:
+                    proc, base = procs[name]
+                    result = load(proc, base, "tiny-llama", model_dir, workload(args, c, seed=r))
+                    runs[name][c].append({k: result.get(k) for k in KEYS})
+                    log(f"round {r + 1}/{args.rounds} c={c} {name}: {result['output_throughput']:.0f} tok/s, "
+                        f"TTFT p50 {result['p50_ttft_ms']:.0f} ms")  # fmt: skip
     finally:
-        for p in (vp, kp):
+        for p, _ in procs.values():
             p.stop()
+    return {"runs": {s: {str(c): v for c, v in per.items()} for s, per in runs.items()}}
 
 
-def transformers_engine(args: argparse.Namespace, logs: Path) -> dict[str, float]:
+def offline(args: argparse.Namespace, model_dir: Path, rounds: int) -> list[dict[str, float]]:
+    """``LLM.generate`` on the top concurrency's work (same prompts' shape, same engine settings)."""
+    top = max(args.concurrency)
+    n = max(args.min_requests, args.requests_per_stream * top)
+    out = []
+    for r in range(rounds):
+        figures = vllm_client.offline(
+            "--model", str(model_dir), *engine_flags(), "--num-prompts", str(n), "--random-input-len",
+            str(args.input_len), "--random-output-len", str(args.max_tokens), "--seed", str(r),
+        )  # fmt: skip
+        out.append(figures)
+        log(f"offline round {r + 1}/{rounds}: {figures['output_tokens_per_second']:.0f} output tok/s")
+    return out
+
+
+def transformers_engine(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     uri = build("target.engine=transformers", "model.name=tiny-llama-hf")
-    proc, base = kiln_server(uri, "kiln-transformers", logs)
+    proc, base = kiln_server(uri, "tiny-llama-hf", logs)
+    model_dir = pull(uri, logs / "model-hf")
     try:
         proc.wait_ready()
-        measure(base, "tiny-llama-hf", args, args.concurrency // 4, seed=99)
-        return measure(base, "tiny-llama-hf", args, args.hf_requests, seed=0).summary()
+        top = max(args.concurrency)
+        result = load(proc, base, "tiny-llama-hf", model_dir, workload(args, top, seed=0, requests=args.hf_requests))
+        return {k: result.get(k) for k in KEYS}
     finally:
         proc.stop()
 
 
-def report(results: dict[str, dict[str, float]], hf: dict[str, float] | None, args: argparse.Namespace) -> str:
-    v, k = results["vllm"], results["kiln"]
+def summarize(results: dict[str, Any], concurrency: list[int]) -> dict[str, Any]:
+    """Per concurrency: each server's mean over rounds, and kiln/vLLM ratios with the spread of per-round ratios."""
+    runs = results["runs"]
+    table: dict[str, Any] = {}
+    for c in map(str, concurrency):
+        row: dict[str, Any] = {}
+        for s in SERVERS:
+            row[s] = {k: _mean([r[k] for r in runs[s][c]]) for k in KEYS}
+        for k in ("output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "peak_rss_bytes"):
+            per_round = [
+                k_ / v_ for k_, v_ in zip(_col(runs, "kiln", c, k), _col(runs, "vllm", c, k), strict=True) if v_
+            ]
+            row[f"ratio_{k}"] = {"mean": _mean(per_round), "min": min(per_round), "max": max(per_round)}
+        table[c] = row
+    out: dict[str, Any] = {"by_concurrency": table}
+    if results.get("offline"):
+        off = [o["output_tokens_per_second"] for o in results["offline"]]
+        top = str(max(concurrency))
+        out["offline_output_throughput"] = {"mean": _mean(off), "min": min(off), "max": max(off)}
+        for s in SERVERS:
+            out[f"{s}_over_offline"] = table[top][s]["output_throughput"] / _mean(off)
+    return out
+
+
+def _col(runs: dict[str, Any], server: str, c: str, key: str) -> list[float]:
+    return [r[key] for r in runs[server][c]]
+
+
+def _mean(values: list[Any]) -> Any:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def report(doc: dict[str, Any]) -> str:
+    s, args = doc["summary"], doc["config"]
     lines = [
-        f"load: {args.rounds} x {args.requests} requests, {args.concurrency} concurrent streams, "
-        f"{args.max_tokens} output tokens (ignore_eos), /v1/completions streaming",
-        f"{'metric':<24}{'vLLM':>12}{'kiln':>12}{'kiln/vLLM':>12}  target",
+        f"load: vllm bench serve, {args['rounds']} rounds, random {args['input_len']} in / {args['max_tokens']} out "
+        "(ignore_eos), /v1/completions streaming, closed loop",
+        f"{'conc':>5} {'vLLM tok/s':>11} {'kiln tok/s':>11} {'ratio':>14} {'TTFT p50 ratio':>16} {'RSS MiB v/k':>13}",
     ]
-    keys = (
-        "request_throughput",
-        "output_throughput",
-        *(f"{m}_p{q}_ms" for m in ("ttft", "itl") for q in (50, 90, 99)),
-        "server_cpu_us_per_token",
-    )
-    for key in keys:
-        ratio = k[key] / v[key] if v[key] else float("nan")
-        target = TARGETS.get(key)
-        mark = "" if target is None else (f">= {target}" if "throughput" in key else f"<= {target}")
-        ok = (
-            ""
-            if target is None
-            else ("  ok" if (ratio >= target if "throughput" in key else ratio <= target) else "  MISS")
-        )
-        lines.append(f"{key:<24}{v[key]:>12.2f}{k[key]:>12.2f}{ratio:>12.3f}  {mark}{ok}")
-    lines.append(
-        f"output tok/s per round: vLLM {v['round_min_tok_s']:.0f}-{v['round_max_tok_s']:.0f}, "
-        f"kiln {k['round_min_tok_s']:.0f}-{k['round_max_tok_s']:.0f}; "
-        f"failures: vLLM {v['failures']:.0f}, kiln {k['failures']:.0f}"
-    )
-    if hf is not None:
+    for c, row in s["by_concurrency"].items():
+        t, f = row["ratio_output_throughput"], row["ratio_p50_ttft_ms"]
+        rss = f"{row['vllm']['peak_rss_bytes'] / 2**20:.0f}/{row['kiln']['peak_rss_bytes'] / 2**20:.0f}"
         lines.append(
-            f"transformers engine ({args.hf_requests} requests): {hf['output_throughput']:.1f} output tok/s, "
-            f"{hf['request_throughput']:.2f} req/s, TTFT p50 {hf['ttft_p50_ms']:.0f} ms, failures {hf['failures']:.0f}"
+            f"{c:>5} {row['vllm']['output_throughput']:>11.0f} {row['kiln']['output_throughput']:>11.0f} "
+            f"{t['mean']:>6.3f} ({t['min']:.2f}-{t['max']:.2f}) {f['mean']:>8.3f} ({f['min']:.2f}-{f['max']:.2f}) "
+            f"{rss:>13}"
+        )
+    if "offline_output_throughput" in s:
+        off = s["offline_output_throughput"]
+        lines.append(
+            f"offline LLM.generate: {off['mean']:.0f} output tok/s ({off['min']:.0f}-{off['max']:.0f}); "
+            f"kiln/offline {s['kiln_over_offline']:.2f} (target >= {OFFLINE_TARGET}), "
+            f"vLLM server/offline {s['vllm_over_offline']:.2f}"
+        )
+    if doc.get("transformers"):
+        hf = doc["transformers"]
+        lines.append(
+            f"transformers engine: {hf['output_throughput']:.0f} output tok/s, TTFT p50 {hf['p50_ttft_ms']:.0f} ms"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--requests", type=int, default=256, help="requests per round and server")
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--concurrency", default="1,8,32,64", help="comma-separated closed-loop concurrencies")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--requests-per-stream", type=int, default=4, help="requests per concurrent stream and round")
+    p.add_argument("--min-requests", type=int, default=32, help="at least this many requests per point")
+    p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--hf-requests", type=int, default=256, help="requests for the transformers engine (0: skip)")
+    p.add_argument("--offline-rounds", type=int, default=2)
+    p.add_argument("--hf-requests", type=int, default=128, help="requests for the transformers engine (0: skip)")
+    p.add_argument("--quick", action="store_true", help="a few minutes: concurrency 1,64, one round, no transformers")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.rounds, args.offline_rounds, args.hf_requests = "1,64", 1, 1, 0
+        args.min_requests = 16
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         logs = Path(tmp)
         os.environ.setdefault("KILN_CACHE", str(logs / "cache"))
         log(f"building the tiny artifact (cache {os.environ['KILN_CACHE']})")
         model_dir = pull(build(), logs / "model")
-        results = compare(args, model_dir, logs)
+        results = sweep(args, model_dir, logs)
+        results["offline"] = offline(args, model_dir, args.offline_rounds) if args.offline_rounds else []
         hf = transformers_engine(args, logs) if args.hf_requests else None
-    text = report(results, hf, args)
-    print(text)
+    names = ("concurrency", "rounds", "requests_per_stream", "min_requests", "input_len", "max_tokens",
+             "offline_rounds", "hf_requests", "quick")  # fmt: skip
+    config = {k: getattr(args, k) for k in names}
+    config |= {"max_num_seqs": MAX_NUM_SEQS, "kv_cache_bytes": KV_BYTES, "client": "vllm bench serve"}
+    doc = {"config": config, **results, "transformers": hf, "summary": summarize(results, args.concurrency)}
+    doc["targets"] = {"output_throughput": TARGETS["output_throughput"], "p50_ttft_ms": TARGETS["p50_ttft_ms"],
+                      "kiln_over_offline": OFFLINE_TARGET}  # fmt: skip
+    print(report(doc))
     if args.json:
-        args.json.write_text(
-            json.dumps({"vllm": results["vllm"], "kiln": results["kiln"], "transformers": hf}, indent=2)
-        )
+        args.json.write_text(json.dumps(doc, indent=2))
     return 0
 
 
