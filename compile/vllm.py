@@ -45,6 +45,9 @@ class VllmCompileConfig(CompileConfig):
     # KV cache of the warm-up engine (None: what serve would use). It does not change the compiled graph.
     kv_cache_gib: float | None = None
     timeout_s: int = 3600  # the tiny model compiles in about a minute on 2 CPU cores; large models take longer
+    # Package vLLM's AOT function too, where kiln's guard for its reload applies (runtime/engines/vllm/patches.py):
+    # a start then loads the compiled model instead of tracing it again. false: inductor's cache only.
+    aot: bool = True
 
     def problems(self, build: Any) -> list[tuple[str, str]]:
         out = []
@@ -106,6 +109,8 @@ def _warm_up(
         cmd += ["--option", f"kv_cache_gib={cfg.kv_cache_gib}"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     env.setdefault("KILN_LOG_FORMAT", "text")
+    if not cfg.aot:
+        env["KILN_VLLM_AOT"] = "0"  # read by the runtime's compile_cache.point_engine_at
     print("kiln: compile: starting vLLM to compile the model (about a minute for the tiny one)", file=sys.stderr)
     start = time.monotonic()
     with open(log_path, "w") as log_file:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,8 +41,9 @@ def test_artifact_holds_the_model_the_cache_and_its_key(compiled_uri: str) -> No
     paths = {f["path"] for f in manifest["files"]}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= paths
     cache = {p for p in paths if p.startswith("compile_cache/")}
-    assert any(p.startswith("compile_cache/inductor/fxgraph/") for p in cache)  # the compiled graph
+    assert any("/fxgraph/" in p for p in cache)  # the compiled graph (in vLLM's AOT directory, with the guard)
     assert any(p.endswith(".so") for p in cache)  # its C++ kernels
+    assert any(p.startswith(f"compile_cache/{compile_cache.AOT_DIR}/") for p in cache)  # vLLM's AOT function
     assert not any("/locks/" in p or "__pycache__" in p for p in cache)
     assert manifest["target"]["compile"] == expected_key()
     assert [s["stage"] for s in manifest["provenance"]["stages"]] == ["synth", "convert", "compile"]
@@ -132,7 +134,13 @@ def test_start_elsewhere_hits_the_packaged_cache_and_engine_death_exits_1(
     compiled_uri: str, elsewhere: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
     art, env = elsewhere
-    server = start(art, env, Path(env["HOME"]), tmp_path / "serve.log")
+    # The build compiled in a staging directory that is gone (renamed into the stage cache), and the packaged
+    # files still name it: a cache that loads absolute paths (vllm#52154) would fail here.
+    built_in = _build_dirs_named_in(art / "compile_cache")
+    assert built_in, "the packaged cache names no build directory: nothing shows where it was compiled"
+    assert not [d for d in built_in if d.exists()]
+    engine_log = tmp_path / "engine.log"
+    server = start(art, {**env, "KILN_ENGINE_LOG": str(engine_log)}, Path(env["HOME"]), tmp_path / "serve.log")
     try:
         client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
         chat = [{"role": "user", "content": "What color is the sky?"}]
@@ -144,6 +152,10 @@ def test_start_elsewhere_hits_the_packaged_cache_and_engine_death_exits_1(
         logs = server.logs()
         assert "compile cache hit: the engine started from the artifact's precompiled cache" in logs, logs[-3000:]
         assert "compile cache miss" not in logs
+        # vLLM loaded the packaged AOT function (kiln's guard, runtime/engines/vllm/patches.py) instead of compiling
+        engine = engine_log.read_text()
+        assert "Directly load AOT compilation" in engine, engine[-3000:]
+        assert "Compiling model again" not in engine
         # The real engine dying (its core process killed): /ping turns 503 and the server exits 1, leaving nothing.
         engine_processes = psutil.Process(server.proc.pid).children(recursive=True)
         core = [p for p in engine_processes if "EngineCore" in _name(p)]
@@ -161,6 +173,15 @@ def test_start_elsewhere_hits_the_packaged_cache_and_engine_death_exits_1(
         assert not [p for p in engine_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     finally:
         server.stop(signal.SIGKILL)
+
+
+def _build_dirs_named_in(cache: Path) -> set[Path]:
+    """The stage staging directories (``…/.staging-*/out``) that files of a packaged cache name."""
+    found: set[Path] = set()
+    for f in cache.rglob("*"):
+        if f.is_file():
+            found |= {Path(m.decode()) for m in re.findall(rb"/[\w./-]*?/\.staging-[\w]+/out", f.read_bytes())}
+    return found
 
 
 def _name(p: psutil.Process) -> str:

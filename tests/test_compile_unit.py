@@ -4,6 +4,7 @@ detection from the cache directory, and the build-side config checks for ``compi
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -138,11 +139,26 @@ def test_watch_reports_a_miss_from_new_cache_files_only(tmp_path: Path, caplog: 
     (root / "inductor" / "ab.main.so").write_text("new kernel")
     with caplog.at_level(logging.WARNING, logger="kiln"):
         assert watch.check("while serving") == {"inductor/fxgraph/ab/entry", "inductor/ab.main.so"}
-    assert "compile cache miss while serving: vLLM compiled 2 new cache files" in caplog.text
+    assert "compile cache miss while serving: vLLM compiled 2 new or rewritten cache files" in caplog.text
     assert "inductor compiled a graph" in caplog.text
     assert REGISTRY.get_sample_value("kiln_compile_cache_hit") == 0
     assert REGISTRY.get_sample_value("kiln_compile_cache_compiled_files") == 2
     assert watch.check("while serving") == set()  # each compile is reported once
+
+
+def test_watch_reports_an_aot_function_saved_again_in_place(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """vLLM re-saves its AOT function under the same name when it could not load it: no new file, still a miss."""
+    aot = tmp_path / "cache" / compile_cache.AOT_DIR / "42ee" / "rank_0_0" / "model"
+    aot.parent.mkdir(parents=True)
+    aot.write_bytes(b"packaged")
+    os.utime(aot, ns=(1_000_000_000, 1_000_000_000))  # as copied from the artifact, long ago
+    watch = compile_cache.CacheWatch(tmp_path / "cache")
+    assert watch.check("at engine start") == set()
+    aot.write_bytes(b"compiled again")
+    with caplog.at_level(logging.WARNING, logger="kiln"):
+        assert watch.check("at engine start") == {f"{compile_cache.AOT_DIR}/42ee/rank_0_0/model"}
+    assert "could not load the packaged AOT function" in caplog.text
+    assert REGISTRY.get_sample_value("kiln_compile_cache_hit") == 0
 
 
 @pytest.mark.parametrize(

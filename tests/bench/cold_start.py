@@ -3,7 +3,9 @@ bare ``python -m vllm.entrypoints.openai.api_server`` on the same weights, in th
 
     python -m tests.bench.cold_start [--rounds 2] [--json results.json]
 
-Every start is a new process on a "new machine" (empty torch inductor, vLLM and kiln caches), as a fresh
+The packaged cache holds vLLM's AOT function (loaded through kiln's guards, runtime/engines/vllm/patches.py); the
+variant built with ``compile.aot=false`` holds inductor's cache only, as before the guards. Every start is a new
+process on a "new machine" (empty torch inductor, vLLM and kiln caches), as a fresh
 container would be, except "bare vLLM, warm cache", which reuses vLLM's own caches from an earlier start on this
 machine. The figure is process start → first streamed token of a completion sent as soon as the server is ready.
 Variants run interleaved, round after round; medians are reported, with the ratio to bare vLLM. Then the phases
@@ -31,6 +33,7 @@ from tests.bench._serve import (
     vllm_cmd,
 )
 
+KILN_COLD = "kiln serve, packaged cache"  # the moonshot's figure (tests/bench/report.py reads it by this name)
 PHASES = [  # (label, log pattern): the moment each phase ends
     ("runtime imported, artifact verified", r"kiln\.runtime: verified"),
     ("host + compile key checked, cache copied, HTTP up", r"kiln\.runtime: listening"),
@@ -65,12 +68,14 @@ def bench(work: Path, rounds: int) -> dict[str, object]:
     cache = work / "build-cache"
     plain = pull(build_tiny(cache), cache, work / "tiny-plain")
     compiled = pull(build_tiny(cache, "compile=vllm"), cache, work / "tiny-compiled")
+    # before kiln's AOT guards (runtime/engines/vllm/patches.py): inductor's cache only
+    inductor_only = pull(build_tiny(cache, "compile=vllm", "compile.aot=false"), cache, work / "tiny-inductor")
     warm_vllm = fresh_machine_env(work)  # bare vLLM's own caches, primed once below
     variants = {
-        "kiln serve, packaged cache": lambda port: (_kiln(compiled, port), fresh_machine_env(work)),
-        "kiln serve, packaged cache, VLLM_ENABLE_V1_MULTIPROCESSING=0": lambda port: (
-            _kiln(compiled, port),
-            fresh_machine_env(work, VLLM_ENABLE_V1_MULTIPROCESSING="0"),
+        KILN_COLD: lambda port: (_kiln(compiled, port), fresh_machine_env(work)),
+        "kiln serve, packaged cache without the AOT function (compile.aot=false)": lambda port: (
+            _kiln(inductor_only, port),
+            fresh_machine_env(work),
         ),
         "kiln serve, no cache": lambda port: (_kiln(plain, port), fresh_machine_env(work)),
         "bare vLLM, no cache": lambda port: (_vllm(plain, port), fresh_machine_env(work)),

