@@ -33,6 +33,7 @@ from tests.bench._serve import (
     vllm_cmd,
 )
 
+KILN_ENV = {"KILN_ENGINE_LOG": "-"}  # vLLM's lines on kiln's output, where the phases below are read from
 KILN_COLD = "kiln serve, packaged cache"  # the moonshot's figure (tests/bench/report.py reads it by this name)
 PHASES = [  # (label, log pattern): the moment each phase ends
     ("runtime imported, artifact verified", r"kiln\.runtime: verified"),
@@ -72,12 +73,12 @@ def bench(work: Path, rounds: int) -> dict[str, object]:
     inductor_only = pull(build_tiny(cache, "compile=vllm", "compile.aot=false"), cache, work / "tiny-inductor")
     warm_vllm = fresh_machine_env(work)  # bare vLLM's own caches, primed once below
     variants = {
-        KILN_COLD: lambda port: (_kiln(compiled, port), fresh_machine_env(work)),
+        KILN_COLD: lambda port: (_kiln(compiled, port), fresh_machine_env(work, **KILN_ENV)),
         "kiln serve, packaged cache without the AOT function (compile.aot=false)": lambda port: (
             _kiln(inductor_only, port),
-            fresh_machine_env(work),
+            fresh_machine_env(work, **KILN_ENV),
         ),
-        "kiln serve, no cache": lambda port: (_kiln(plain, port), fresh_machine_env(work)),
+        "kiln serve, no cache": lambda port: (_kiln(plain, port), fresh_machine_env(work, **KILN_ENV)),
         "bare vLLM, no cache": lambda port: (_vllm(plain, port), fresh_machine_env(work)),
         "bare vLLM, its own warm cache": lambda port: (_vllm(plain, port), warm_vllm),
     }

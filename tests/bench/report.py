@@ -128,21 +128,27 @@ def _cold_plot(cold: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     names = list(cold)
-    fig, ax = plt.subplots(figsize=(10, 0.6 * len(names) + 1.2))
+    labels: list[str] = []  # every phase label, in first-seen order: one colour per phase, whichever start has it
+    for name in names:
+        for label, _ in cold[name].get("phases") or []:
+            if label not in labels:
+                labels.append(label)
+    colour = {label: plt.get_cmap("tab20")(i % 20) for i, label in enumerate(labels)}
+    fig, ax = plt.subplots(figsize=(11, 0.55 * len(names) + 3.2))
     for i, name in enumerate(names):
         phases = cold[name].get("phases") or [["first token", cold[name]["median_s"]]]
         start = 0.0
-        for j, (label, end) in enumerate(phases):
-            ax.barh(i, end - start, left=start, color=plt.get_cmap("tab10")(j % 10), edgecolor="white",
-                    label=label if i == 0 or label not in ax.get_legend_handles_labels()[1] else None)  # fmt: skip
+        for label, end in phases:
+            ax.barh(i, end - start, left=start, color=colour.get(label, "grey"), edgecolor="white")
             start = end
         ax.text(start + 1, i, f"{cold[name]['median_s']:.0f} s", va="center")
-    ax.set_yticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
     ax.invert_yaxis()
-    ax.set(xlabel="seconds from process start (phases of the last start; label: median first token)",
+    ax.set(xlabel="seconds from process start (phases of the last start; label: median to first token)",
            title="cold start to the first streamed token")  # fmt: skip
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour[label]) for label in labels]
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.22, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
