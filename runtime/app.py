@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from runtime.config import (
     redirect,
     resolve_config,
 )
-from runtime.engines.base import Engine, EngineSpec, model_config_int
+from runtime.engines.base import Engine, model_config_int
 from runtime.host import Host, TargetMismatchError, detect
 from runtime.metrics import Metrics
 from runtime.resolve import ResolvedModel, resolve
@@ -102,7 +101,6 @@ def configure(
     try:
         plan = derive(model.path, target, resolved.config, host or detect())
         if prepare:
-            start_preload(plan.spec)
             plan = with_precompiled(plan, model, resolved)
     except TargetMismatchError as exc:
         problems.append(f"this artifact cannot run here: {exc}")
@@ -169,22 +167,6 @@ def _checked(check: Any, resolved: Resolved, problems: list[str]) -> Any:
 
 def _native_keys(engine: str) -> set[str]:
     return engines.get(engine).native_keys()
-
-
-def start_preload(spec: EngineSpec) -> None:
-    """Import the engine's libraries in a thread from here on. The import (about 13 s for vLLM on 2 cores) then
-    overlaps the precompiled-content checks (the compile key's torch import and ISA probe), the HTTP start-up and
-    any weights still downloading. The engine's own start imports the same modules: it finds them imported, or
-    waits on the import lock until they are. The thread is not a daemon, so a start that fails its checks exits
-    after the import instead of in the middle of it (the operator's error message is printed first)."""
-
-    def preload() -> None:
-        try:
-            spec.preload()
-        except Exception:  # the engine's start imports the same modules again and reports what is wrong
-            log.debug("preloading the %s engine's libraries failed", spec.name, exc_info=True)
-
-    threading.Thread(target=preload, name=f"kiln-preload-{spec.name}").start()
 
 
 def with_precompiled(plan: Plan, model: ResolvedModel, resolved: Resolved) -> Plan:
