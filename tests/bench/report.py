@@ -291,6 +291,12 @@ def _serve_table(s: dict[str, Any]) -> str:
             f"tok/s ({off['min']:.0f}–{off['max']:.0f}); kiln's server reaches {s['summary']['kiln_over_offline']:.2f}"
             f" of it and vLLM's own server {s['summary']['vllm_over_offline']:.2f}."
         )
+    by_c = s["summary"]["by_concurrency"]
+    top = max(by_c, key=int)
+    from tests.bench.serve_bench import cpu_line
+
+    if (line := cpu_line(by_c[top], top)) is not None:
+        rows.append(f"\n{line} (api: the HTTP server's process; client: `vllm bench serve`).")
     return "\n".join(rows)
 
 

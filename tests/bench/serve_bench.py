@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -96,6 +97,19 @@ class Proc:
         t = psutil.Process(self.p.pid).cpu_times()
         return float(t.user + t.system)
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds so far of each process in the server's tree, by role: the API process (kiln's or vLLM's
+        HTTP server), vLLM's engine core, its worker."""
+        root = psutil.Process(self.p.pid)
+        out = {"api": 0.0, "engine_core": 0.0, "worker": 0.0}
+        for proc in [root, *root.children(recursive=True)]:
+            with suppress(psutil.NoSuchProcess):
+                t = proc.cpu_times()
+                name = " ".join(proc.cmdline()[:1]) + proc.name()
+                role = "api" if proc.pid == root.pid else "engine_core" if "EngineCore" in name else "worker"
+                out[role] += float(t.user + t.system)
+        return out
+
     def tree_rss(self) -> int:
         """Resident memory of the server and all its children (engine core, workers), bytes."""
         root = psutil.Process(self.p.pid)
@@ -165,17 +179,29 @@ def workload(args: argparse.Namespace, concurrency: int, seed: int, requests: in
 
 
 def load(proc: Proc, base: str, model: str, tokenizer: Path, flags: list[str]) -> dict[str, Any]:
-    """One ``vllm bench serve`` run, with the server's CPU time and peak RSS over it."""
-    before = proc.cpu_seconds()
+    """One ``vllm bench serve`` run, with the server's CPU time and peak RSS over it, and where the machine's CPU
+    went: each server process's and the load client's share of all cores over the run (moonshot 2's question)."""
+    before, roles = proc.cpu_seconds(), proc.cpu_by_role()
+    client = resource.getrusage(resource.RUSAGE_CHILDREN)  # the client is a child that exits; the servers do not
+    start = time.monotonic()
     with peak_rss(proc) as peak:
         figures = vllm_client.run(base, model, tokenizer, *flags)
+    capacity = (time.monotonic() - start) * (os.cpu_count() or 1)
     cpu = proc.cpu_seconds() - before
+    after, done = proc.cpu_by_role(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    share = {role: (after[role] - roles[role]) / capacity for role in roles}
+    share["client"] = (done.ru_utime + done.ru_stime - client.ru_utime - client.ru_stime) / capacity
     tokens = figures["total_output_tokens"]
-    return figures | {"server_cpu_us_per_token": 1e6 * cpu / tokens if tokens else None, "peak_rss_bytes": peak[0]}
+    return figures | {
+        "server_cpu_us_per_token": 1e6 * cpu / tokens if tokens else None,
+        "peak_rss_bytes": peak[0],
+        "cpu_share": share,
+    }
 
 
 KEYS = ("request_throughput", "output_throughput", "mean_ttft_ms", "p50_ttft_ms", "p90_ttft_ms", "p99_ttft_ms",
-        "p50_itl_ms", "p90_itl_ms", "p99_itl_ms", "failed", "server_cpu_us_per_token", "peak_rss_bytes")  # fmt: skip
+        "p50_itl_ms", "p90_itl_ms", "p99_itl_ms", "failed", "server_cpu_us_per_token", "peak_rss_bytes",
+        "cpu_share")  # fmt: skip
 
 
 def sweep(args: argparse.Namespace, model_dir: Path, logs: Path) -> dict[str, Any]:
@@ -239,7 +265,7 @@ def summarize(results: dict[str, Any], concurrency: list[int]) -> dict[str, Any]
     for c in map(str, concurrency):
         row: dict[str, Any] = {}
         for s in SERVERS:
-            row[s] = {k: _mean([r[k] for r in runs[s][c]]) for k in KEYS}
+            row[s] = {k: _mean([r.get(k) for r in runs[s][c]]) for k in KEYS}
         for k in ("output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "peak_rss_bytes"):
             per_round = [
                 k_ / v_ for k_, v_ in zip(_col(runs, "kiln", c, k), _col(runs, "vllm", c, k), strict=True) if v_
@@ -261,8 +287,21 @@ def _col(runs: dict[str, Any], server: str, c: str, key: str) -> list[float]:
 
 
 def _mean(values: list[Any]) -> Any:
+    """The mean of numbers, or of dicts of numbers key by key (the CPU shares); None where there are none."""
     values = [v for v in values if v is not None]
+    if values and isinstance(values[0], dict):
+        return {k: _mean([v.get(k) for v in values]) for k in values[0]}
     return sum(values) / len(values) if values else None
+
+
+def cpu_line(row: dict[str, Any], c: str) -> str | None:
+    """Where the machine's CPU went at concurrency ``c``: each server's processes and the load client."""
+    parts = []
+    for s in SERVERS:
+        share = row[s].get("cpu_share")
+        if share:
+            parts.append(f"{s}: " + ", ".join(f"{role} {100 * v:.0f}%" for role, v in share.items()))
+    return f"CPU at {c} streams, share of all cores over the run: " + "; ".join(parts) if parts else None
 
 
 def report(doc: dict[str, Any]) -> str:
@@ -280,6 +319,9 @@ def report(doc: dict[str, Any]) -> str:
             f"{t['mean']:>6.3f} ({t['min']:.2f}-{t['max']:.2f}) {f['mean']:>8.3f} ({f['min']:.2f}-{f['max']:.2f}) "
             f"{rss:>13}"
         )
+    top = max(s["by_concurrency"], key=int)
+    if (line := cpu_line(s["by_concurrency"][top], top)) is not None:
+        lines.append(line)
     if "offline_output_throughput" in s:
         off = s["offline_output_throughput"]
         lines.append(
