@@ -109,8 +109,9 @@ def _warm_up(
         cmd += ["--option", f"kv_cache_gib={cfg.kv_cache_gib}"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     env.setdefault("KILN_LOG_FORMAT", "text")
-    if not cfg.aot:
-        env["KILN_VLLM_AOT"] = "0"  # read by the runtime's compile_cache.point_engine_at
+    # read by the runtime's compile_cache.point_engine_at; set either way, so the caller's environment cannot
+    # make the cache disagree with the stage key
+    env["KILN_VLLM_AOT"] = "1" if cfg.aot else "0"
     print("kiln: compile: starting vLLM to compile the model (about a minute for the tiny one)", file=sys.stderr)
     start = time.monotonic()
     with open(log_path, "w") as log_file:

@@ -230,7 +230,8 @@ def point_engine_at(root: Path, *, filling: bool = False) -> None:
     vLLM's AOT compile is on only where its reload works: where kiln's guard applies (``patches.py``), and
     either this start fills the cache (``filling``: the build's warm-up) or the cache already holds AOT functions.
     An artifact built without them is served with AOT off, so its inductor cache still hits. ``KILN_VLLM_AOT=0``
-    turns AOT off in both (an artifact built so has inductor's cache only)."""
+    turns AOT off in both. An artifact built so has inductor's cache only; one built with the AOT function and
+    served so compiles on start (reported as a miss)."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     os.environ["VLLM_CACHE_ROOT"] = str(root / "vllm")
     wanted = os.environ.get(AOT_SWITCH, "1") != "0"
