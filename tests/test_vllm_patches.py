@@ -6,8 +6,6 @@ The end-to-end proof, a packaged AOT function loaded instead of recompiled, is i
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import os
 import types
 from importlib import metadata
@@ -17,14 +15,14 @@ from typing import Any
 import pytest
 import torch.compiler
 
-from runtime.engines.vllm import compile_cache, patches
+from runtime.engines.vllm import SPEC, compile_cache, patches
 
 pytestmark = pytest.mark.unit
 
 
 def test_the_pinned_vllm_is_the_installed_one() -> None:
     """Fails when vLLM changes: re-read the guarded functions, re-measure, then move the pin (or drop a guard)."""
-    assert patches._vllm_version() == patches.PINNED_VLLM, (
+    assert SPEC.installed_version() == patches.PINNED_VLLM, (
         "vLLM is no longer the version the AOT guards were written for: read "
         + ", ".join(f"vllm/{f}:{fn}" for f, fn in patches.PINNED_SOURCES)
         + " again"
@@ -34,34 +32,16 @@ def test_the_pinned_vllm_is_the_installed_one() -> None:
     assert patches.aot_guard_applies()
 
 
-def _vllm_function(file: str, name: str) -> str:
-    spec = importlib.util.find_spec("vllm")
-    assert spec is not None
-    assert spec.origin is not None
-    source = (Path(spec.origin).parent / file).read_text()  # read, not imported: seconds less
-    fn = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name)
-    return ast.get_source_segment(source, fn) or ""
-
-
 def test_the_pinned_functions_still_have_what_the_guards_are_for() -> None:
-    loader = _vllm_function("compilation/decorators.py", "_try_load_aot_compiled_fn")
+    loader = patches.function_source("compilation/decorators.py", "_try_load_aot_compiled_fn") or ""
     assert "loaded_fn._artifacts.compiled_fn.finalize_loading(" in loader  # called without asking
     assert "hasattr" not in loader
     assert "torch.compiler.load_compiled_function(" in loader  # the call the reload guard wraps
-    factors = _vllm_function("compilation/caching.py", "aot_compile_hash_factors")
+    factors = patches.function_source("compilation/caching.py", "aot_compile_hash_factors") or ""
     assert "vllm_config.compute_hash()" in factors  # ModelConfig's hash, with the model's path in it
-    ignored = _vllm_function_in_class("config/model.py", "ModelConfig", "compute_hash")
+    ignored = patches.function_source("config/model.py", "ModelConfig", "compute_hash") or ""
+    assert "ignored_factors" in ignored
     assert '"model"' not in ignored  # the path is a factor: what the location guard replaces
-
-
-def _vllm_function_in_class(file: str, cls: str, name: str) -> str:
-    spec = importlib.util.find_spec("vllm")
-    assert spec is not None
-    assert spec.origin is not None
-    source = (Path(spec.origin).parent / file).read_text()
-    klass = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == cls)
-    fn = next(n for n in klass.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    return ast.get_source_segment(source, fn) or ""
 
 
 def test_vllm_finds_the_guard_among_its_general_plugins() -> None:

@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sysconfig
 import tempfile
@@ -267,10 +268,11 @@ def _cache_stats(root: Path) -> dict[str, tuple[int, int]]:
     out = {}
     for p in root.rglob("*"):
         rel = p.relative_to(root)
-        if IGNORED_PARTS.intersection(rel.parts) or not p.is_file():
+        if IGNORED_PARTS.intersection(rel.parts):
             continue
-        st = p.stat()
-        out[rel.as_posix()] = (st.st_size, st.st_mtime_ns)
+        st = p.stat()  # one stat per entry: this runs every WATCH_INTERVAL_S while serving
+        if stat.S_ISREG(st.st_mode):
+            out[rel.as_posix()] = (st.st_size, st.st_mtime_ns)
     return out
 
 

