@@ -309,14 +309,21 @@ def kv_bytes_per_token(model_dir: Path, dtype: str) -> int | None:
     import json
 
     try:
-        cfg = json.loads((model_dir / "config.json").read_text())
-        cfg = cfg.get("text_config", cfg)
+        return kv_bytes_per_token_of(json.loads((model_dir / "config.json").read_text()), dtype)
+    except (OSError, ValueError):
+        return None
+
+
+def kv_bytes_per_token_of(config: dict[str, Any], dtype: str) -> int | None:
+    """:func:`kv_bytes_per_token` for a parsed ``config.json`` (``runtime deploy`` sizes an artifact still in S3)."""
+    try:
+        cfg = config.get("text_config", config)
         heads = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
         head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
         layers = int(cfg["num_hidden_layers"])
         if dtype == "auto":
             dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
-    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+    except (AttributeError, ValueError, KeyError, TypeError, ZeroDivisionError):
         return None
     width = {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, 2)
     return 2 * layers * heads * head_dim * width
