@@ -356,3 +356,18 @@ def test_an_adapter_for_another_base_is_refused(
     assert proc.returncode == 1
     assert "was built for base sha256:" in proc.stderr
     assert "rebuild it against this model" in proc.stderr
+
+
+@pytest.mark.unit
+def test_when_nothing_fits_the_largest_instance_says_why() -> None:
+    import argparse
+
+    from artifacts.manifest import FileEntry
+
+    weights = FileEntry("model.safetensors", 500 << 30, "sha256:" + "0" * 64)  # 500 GiB on one GPU
+    manifest = Manifest.create("big", [weights], _target(), serving={}, provenance={})
+    args = argparse.Namespace(instance_type=None, max_model_len=None, max_num_seqs=1, skip_fit_check=False)
+    with pytest.raises(cli.DeployError) as err:
+        cli.size(manifest, {}, args)
+    # the largest CUDA instance by total GPU memory is the P5 (8 x 80 GiB); one device must hold it all at TP 1
+    assert "the largest cuda instance, ml.p5.48xlarge: memory: needs 501.5 GiB per device" in str(err.value)

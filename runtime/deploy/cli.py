@@ -200,14 +200,15 @@ def _choose(
 
 
 def _none_fit(table: fit.Table, manifest: Manifest, needs: dict[str, fit.Need]) -> str:
-    largest = {}
-    for i in table.instances:
-        if i.device in needs and (i.device not in largest or i.device_memory * i.devices > largest[i.device][1]):
-            largest[i.device] = (i, i.device_memory * i.devices)
-    reasons = [
-        f"{i.type}: {'; '.join(fit.problem(i, manifest.target, needs[d]) or ())}" for d, (i, _) in largest.items()
-    ]
-    return "no instance type in kiln's table fits this artifact (" + " | ".join(reasons) + ")"
+    """Why not even the largest instance of each device kind fits."""
+    reasons = []
+    for device, need in needs.items():
+        rows = [i for i in table.instances if i.device == device]
+        if rows:
+            largest = max(rows, key=lambda i: (i.devices * i.device_memory, -i.usd_per_hour))
+            field, message = fit.problem(largest, manifest.target, need) or ("", "fits")
+            reasons.append(f"the largest {device} instance, {largest.type}: {field}: {message}")
+    return "no instance type in kiln's table fits this artifact (" + "; ".join(reasons) + ")"
 
 
 def _report(ref: ArtifactRef, sized: Sized, out: TextIO) -> None:

@@ -103,8 +103,8 @@ def plan(req: Request) -> list[Call]:
         },
         "Environment": environment(req),
     }
-    model = {"ModelName": "", "PrimaryContainer": container, "ExecutionRoleArn": req.role}
-    model["ModelName"] = _hashed(req.endpoint, model)
+    model_name = _hashed(req.endpoint, {"PrimaryContainer": container, "ExecutionRoleArn": req.role})
+    model: dict[str, Any] = {"ModelName": model_name, "PrimaryContainer": container, "ExecutionRoleArn": req.role}
     variant: dict[str, Any] = {
         "VariantName": VARIANT,
         "InstanceType": req.instance_type,
@@ -116,7 +116,7 @@ def plan(req: Request) -> list[Call]:
         config["ExecutionRoleArn"] = req.role
     else:
         variant |= {
-            "ModelName": model["ModelName"],
+            "ModelName": model_name,
             "ModelDataDownloadTimeoutInSeconds": req.download_timeout_s,
             "ContainerStartupHealthCheckTimeoutInSeconds": req.startup_timeout_s,
         }
@@ -127,7 +127,7 @@ def plan(req: Request) -> list[Call]:
         Call("create_endpoint", {"EndpointName": req.endpoint, "EndpointConfigName": config["EndpointConfigName"]}),
     ]
     if req.inference_components:
-        calls += _components(req, model["ModelName"])
+        calls += _components(req, model_name)
     return calls
 
 
