@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from runtime.engines.vllm import compile_cache
+from runtime.exitcodes import EX_CONFIG
 from tests.conftest import ROOT, Server, build, free_port, run_cli, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -198,7 +199,7 @@ def test_mismatched_key_is_refused_naming_the_field(compiled_uri: str, tmp_path:
     manifest["target"]["compile"]["cpu_arch"] = "sapphirerapids"
     (art / "manifest.json").write_text(json.dumps(manifest))
     proc = run_cli("runtime", "serve", str(art), "--port", "1", timeout=300)
-    assert proc.returncode == 1
+    assert proc.returncode == EX_CONFIG
     assert "target.compile.cpu_arch: the cache was compiled for 'sapphirerapids'" in proc.stderr
     assert "--ignore-compile-cache" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from runtime.exitcodes import EX_CONFIG
 from tests.conftest import Server, build, run_cli, start_server
 from tests.test_quantize import AVX512, manifest, pulled, quantized
 
@@ -142,7 +143,7 @@ REFUSED_HERE = ["fp8-static"] + ([] if AVX512 else ["gptq", "awq"])
 def test_what_vllm_cpu_cannot_run_is_refused_at_serve_time(name: str, form: str, tmp: Path) -> None:
     model = prebuilt(name, tmp) if form == "artifact" else str(source(name, tmp))
     proc = run_cli("runtime", "serve", model, "--port", "1", timeout=120)
-    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.returncode == EX_CONFIG, proc.stderr[-2000:]
     quantization = manifest(quantized(name))["target"]["quantization"]
     assert quantization in proc.stderr
     assert "cuda" in proc.stderr
@@ -278,7 +279,7 @@ def test_classic_gptq_and_awq_checkpoints_build_and_are_checked_at_serve_time(
     if not AVX512:
         for model in (uri, str(src)):
             proc = run_cli("runtime", "serve", model, "--port", "1", timeout=120)
-            assert proc.returncode == 1
+            assert proc.returncode == EX_CONFIG
             assert quantization in proc.stderr, proc.stderr[-2000:]
             assert "cuda" in proc.stderr
 

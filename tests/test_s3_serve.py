@@ -16,6 +16,7 @@ from artifacts import ops
 from artifacts.manifest import MANIFEST_NAME, Manifest
 from artifacts.uri import parse_ref
 from build.cache import files_digest
+from runtime.exitcodes import EX_CONFIG
 from runtime.resolve import resolve
 from tests.conftest import build, run_cli, start_server
 from tests.s3_server import MotoS3, free_port
@@ -74,7 +75,7 @@ def test_build_publish_s3_serve_then_refuse_corruption(
         f.seek(100)
         f.write(b"\xff" * 8)
     proc = run_cli("runtime", "serve", tag_uri, "--port", "1", timeout=120)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == EX_CONFIG, proc.stderr
     blob = rf"s3://{bucket}/models/blobs/sha256/([0-9a-f]{{64}})"
     named = re.search(rf"kiln runtime: (\S+): {blob} is corrupt", proc.stderr)
     assert named, proc.stderr  # the file and the bucket object at fault

@@ -19,6 +19,7 @@ from artifacts.errors import ManifestError, NotFoundError, StoreError, UriError,
 from artifacts.manifest import Manifest, Target
 from artifacts.s3 import S3Store, redact
 from artifacts.uri import parse_ref
+from runtime.exitcodes import EX_CONFIG
 from tests.conftest import ROOT, run_cli
 from tests.s3_server import FaultProxy, MotoS3
 
@@ -204,7 +205,7 @@ def test_manifest_naming_paths_outside_the_artifact(moto_s3: MotoS3, tmp_path: P
     assert not (tmp_path / "escape.txt").exists()
     if path.startswith(".."):  # the runtime refuses it the same way (one CLI run is enough)
         proc = run_cli("runtime", "serve", f"{ref.store}/demo:evil", "--port", "1", timeout=120)
-        assert proc.returncode == 1
+        assert proc.returncode == EX_CONFIG
         assert "unsafe path" in proc.stderr
         assert "Traceback" not in proc.stderr
 

@@ -20,6 +20,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from runtime.exitcodes import EX_CONFIG
 from tests.conftest import Server, build, run_cli, start_server, stop_cleanly
 
 pytestmark = pytest.mark.integration
@@ -461,7 +462,7 @@ def test_tampered_artifact_is_refused_naming_the_file(tiny_uri: str, tmp_path: P
         f.seek(4096)
         f.write(b"\x00\x01\x02\x03")
     proc = run_cli("runtime", "serve", str(d), "--port", "1", timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == EX_CONFIG
     assert "model.safetensors" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -469,7 +470,7 @@ def test_tampered_artifact_is_refused_naming_the_file(tiny_uri: str, tmp_path: P
 def test_wrong_target_is_refused_naming_the_field(tiny_uri: str, tmp_path: Path) -> None:
     neuron = build("target.engine=neuron", "model.name=tiny-neuron")
     proc = run_cli("runtime", "serve", neuron, "--port", "1", timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == EX_CONFIG
     assert "target.engine" in proc.stderr
     d = tmp_path / "art"
     assert run_cli("artifacts", "pull", tiny_uri, str(d)).returncode == 0
@@ -477,6 +478,6 @@ def test_wrong_target_is_refused_naming_the_field(tiny_uri: str, tmp_path: Path)
     manifest["target"]["devices"] = ["cuda"]
     (d / "manifest.json").write_text(json.dumps(manifest))
     proc = run_cli("runtime", "serve", str(d), "--port", "1", timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == EX_CONFIG
     assert "target.devices" in proc.stderr
     shutil.rmtree(d)

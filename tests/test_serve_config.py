@@ -23,6 +23,7 @@ from runtime.config import (
     read_properties,
     resolve_config,
 )
+from runtime.exitcodes import EX_CONFIG
 from tests.conftest import FakeServer, fake_server, run_cli
 
 TARGET = Target("vllm", "", ("cpu",), "bfloat16", 1, 2048)
@@ -216,7 +217,7 @@ def test_vllm_engine_args_pass_through_and_unknown_keys_refuse_to_start(artifact
     assert s["enable_prefix_caching"]["value"] is False
     env = {"OPTION_MAX_NUM_SEQS": "0", "OPTION_FLUX_CAPACITOR": "on"}
     proc = run_cli("runtime", "serve", str(artifact_dir), "--max-model-len", "9999", env=env, timeout=300)
-    assert proc.returncode == 1
+    assert proc.returncode == EX_CONFIG
     assert "Traceback" not in proc.stderr
     for needle in (
         "env OPTION_FLUX_CAPACITOR",
