@@ -5,7 +5,10 @@
 
 The key covers the stage's params, its input digests, its toolchain lock and the digest of the stage's code,
 so any change that could change the output misses. Entries are written to a staging directory and renamed
-into place, so an interrupted stage never leaves a half entry.
+into place, so an interrupted stage never leaves a half entry. Concurrent builds (a --multirun sweep, two CI jobs
+on one cache) may run the same stage at once: the first commit wins and later ones adopt it, because deleting an
+entry another build has just committed pulls its files from under that build's next stage or publish. Entries are
+only ever removed by renaming them aside first, so no reader sees one half-deleted.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,7 @@ class StageRecord:
     packages: Mapping[str, str]
     key_material: Mapping[str, Any]
     cached: bool = False  # True when lookup() found it instead of the stage running
+    seconds: float = 0.0  # this build's wall time for it (set by run_stage): the work, or a hit's lookup
 
 
 def files_digest(files: tuple[FileEntry, ...] | list[FileEntry]) -> str:
@@ -98,7 +102,7 @@ class StageCache:
             verify_files(record.path, record.files)
         except (ArtifactError, OSError, ValueError, KeyError) as exc:
             log.warning("%s: cache entry %s is damaged (%s); rebuilding it", stage, entry, exc)
-            shutil.rmtree(entry, ignore_errors=True)
+            self._discard(entry)
             return None
         return replace(record, cached=True)
 
@@ -122,7 +126,11 @@ class StageCache:
         result: Mapping[str, Any],
         packages: Mapping[str, str],
         seconds: float,
+        overwrite: bool = False,
     ) -> StageRecord:
+        """Move ``out`` into the cache as the entry for ``material``. An intact entry already there (a concurrent
+        build of the same stage) is kept and returned instead, unless ``overwrite`` (force=true) and its output
+        differs."""
         key = self.key_of(material)
         files = tuple(scan_dir(out))
         meta = {
@@ -137,13 +145,35 @@ class StageCache:
         }
         (out.parent / "stage.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         entry = self.entry_dir(stage, key)
-        shutil.rmtree(entry, ignore_errors=True)  # only reached on a miss or with build.force
+        peer = self._intact(stage, key, entry)
+        if peer is not None and (not overwrite or peer.output_digest == meta["output_digest"]):
+            return peer  # a concurrent build committed first and may be reading its files: keep them, drop ours
+        if entry.exists():  # damaged, or replaced by force=true with a different output
+            self._discard(entry)
         try:
             out.parent.rename(entry)
         except OSError:
             if not (entry / "stage.json").is_file():  # not a concurrent build of the same stage
                 raise
         return self._load(stage, key, entry)
+
+    def _intact(self, stage: str, key: str, entry: Path) -> StageRecord | None:
+        """The committed entry at ``entry`` if its files verify, else None (absent or damaged)."""
+        if not (entry / "stage.json").is_file():
+            return None
+        try:
+            record = self._load(stage, key, entry)
+            verify_files(record.path, record.files)
+        except (ArtifactError, OSError, ValueError, KeyError):
+            return None
+        return record
+
+    def _discard(self, entry: Path) -> None:
+        """Remove an entry atomically for readers: rename it aside (a lookup then misses), then delete it."""
+        trash = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".discard-"))
+        with suppress(FileNotFoundError):  # a concurrent build discarded it first
+            entry.rename(trash / "entry")
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _load(self, stage: str, key: str, entry: Path) -> StageRecord:
         meta = json.loads((entry / "stage.json").read_text())

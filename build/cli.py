@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+from pathlib import Path
 
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
@@ -15,6 +16,7 @@ from build.config import validate
 from build.errors import BuildError
 from build.pipeline import run_build
 from build.stages import StageCrashError
+from build.summary import summarize, write_json
 
 log = logging.getLogger("kiln.build")
 
@@ -52,6 +54,13 @@ def main(cfg: DictConfig) -> int:
         f"{result.manifest.total_size / 1e6:.1f} MB",
         file=sys.stderr,
     )
+    if typed.summary is not None:  # before the URI line: a build whose summary is missing has failed
+        try:
+            write_json(Path(typed.summary), summarize(typed, result))
+        except OSError as exc:
+            return _fail(
+                f"[summary] summary: cannot write {typed.summary}: {exc.strerror or exc} ({result.uri} is published)"
+            )
     if result.base is not None:  # an adapter build: the base first, the adapter (the artifact asked for) last
         print(f"adapter {result.manifest.name} for base {result.base}", file=sys.stderr)
         print(result.base, flush=True)

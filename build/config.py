@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -155,6 +156,9 @@ class BuildConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     force: bool = False
     debug: bool = False
+    # Write the build summary (URI, digest, sizes, fidelity, stage timings; build/summary.py) as JSON to this path
+    # after a successful publish. None: none written. `nox -s artifact` sets it and verifies before keeping it.
+    summary: str | None = None
 
 
 def register_configs() -> None:
@@ -233,6 +237,8 @@ def _problems(cfg: BuildConfig) -> list[tuple[str, str]]:
         out.append(("target.max_model_len", "must be >= 1"))
     if cfg.serving.max_num_seqs is not None and cfg.serving.max_num_seqs < 1:
         out.append(("serving.max_num_seqs", "must be >= 1"))
+    if cfg.summary is not None and not Path(cfg.summary).parent.is_dir():  # fail before the build, not after it
+        out.append(("summary", f"{cfg.summary}: directory {Path(cfg.summary).parent} does not exist; create it"))
     if cfg.publish.store != "local" and not cfg.publish.uri:  # only the local store has a default location
         out.append(
             ("publish.uri", f"is required with publish={cfg.publish.store} (e.g. publish.uri=s3://bucket/prefix)")
