@@ -298,6 +298,7 @@ def make_server(startup: Startup) -> tuple[Any, Callable[[], int]]:
             job_queue_size=cfg.job_queue_size,
             model_loading_timeout=cfg.model_loading_timeout,
             enable_lora=cfg.enable_lora,
+            api_key=cfg.api_key,
         ),
     )
     config = uvicorn.Config(

@@ -11,6 +11,7 @@ class APIError(Exception):
         self.param = param
         self.kind = kind or {
             400: "BadRequestError",
+            401: "AuthenticationError",
             404: "NotFoundError",
             408: "TimeoutError",
             413: "RequestTooLargeError",

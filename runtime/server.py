@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
@@ -50,6 +51,7 @@ class ServerOptions:
     job_queue_size: int
     model_loading_timeout: float
     enable_lora: bool = False  # the adapter management routes (runtime/api/adapters.py)
+    api_key: str | None = None  # None: no authentication (loopback by default; SageMaker signs in front)
 
 
 @dataclass
@@ -86,6 +88,8 @@ def create_app(
     )
     app.state.kiln = state
     app.add_middleware(Admission, limit=opts.job_queue_size, metrics=metrics)
+    if opts.api_key:  # added last, so it runs first: a refused request never reaches admission or the routes
+        app.add_middleware(BearerAuth, key=opts.api_key)
     _install_error_handlers(app)
     # The responses, both error shapes and the model-dependent limits are declared there (runtime/api/openapi.py).
     install_openapi(app, lambda: state.service if state.status == "ready" else None)
@@ -446,6 +450,35 @@ class Admission:
         )
         body = err.openai_body() if scope["path"].startswith("/v1/") else err.lmi_body()
         await JSONResponse(body, status_code=503, headers={"retry-after": "1"})(scope, _no_receive, send)
+
+
+# Routes an API key does not guard: probes (SageMaker's /ping, load balancers' /health) and Prometheus' scrape.
+OPEN_PATHS = frozenset({"/ping", "/health", "/metrics"})
+
+
+class BearerAuth:
+    """Pure ASGI middleware: with ``api_key`` set, every request but OPEN_PATHS (and CORS preflights) must carry
+    ``Authorization: Bearer <key>``, else 401 before its body is read. vLLM guards only /v1/*; kiln also guards
+    /invocations, the adapter routes and the tokenizer routes, which generate or change what is served. The key is
+    compared in constant time and never logged or echoed."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if secrets.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        what = "a wrong API key" if given else "no API key"
+        err = APIError(401, f"{what}: send 'Authorization: Bearer <key>' with the server's api_key")
+        body = err.openai_body() if scope["path"].startswith("/v1/") else err.lmi_body()
+        headers = {"www-authenticate": "Bearer"}
+        await JSONResponse(body, status_code=401, headers=headers)(scope, _no_receive, send)
 
 
 async def _no_receive() -> Message:

@@ -53,6 +53,7 @@ ENV_ALIASES: dict[str, tuple[str, int]] = {
     "PREDICT_TIMEOUT": ("predict_timeout", 0),
     "MODEL_LOADING_TIMEOUT": ("model_loading_timeout", 0),
     "SAGEMAKER_BIND_TO_PORT": ("port", 0),
+    "VLLM_API_KEY": ("api_key", 1),  # vLLM's variable for --api-key
     # SageMaker inference components start a LoRA-serving base with these (vLLM DLC spellings)
     "SM_VLLM_ENABLE_LORA": ("enable_lora", 1),
     "SM_VLLM_MAX_LORA_RANK": ("max_lora_rank", 1),

@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from runtime.config.schema import Resolved
+from runtime.config.schema import SECRET_FIELDS, Resolved
 from runtime.engines.base import EngineDefault
 
 
@@ -21,7 +21,8 @@ def rows(resolved: Resolved, chosen: Mapping[str, EngineDefault] | None = None) 
         if key in chosen:
             out.append((key, chosen[key].value, f"engine default ({chosen[key].why})"))
         else:
-            out.append((key, value, str(resolved.origin(key))))
+            shown = "***" if key in SECRET_FIELDS and value is not None else value
+            out.append((key, shown, str(resolved.origin(key))))
     out += [(f"engine_args.{k}", v, str(resolved.origin(f"engine_args.{k}"))) for k, v in args.items()]
     return out
 

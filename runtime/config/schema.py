@@ -31,6 +31,9 @@ class ConfigError(KilnError):
         super().__init__("cannot start the server:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+SECRET_FIELDS = frozenset({"api_key"})  # shown as "***" wherever settings are printed (`runtime config`, logs)
+
+
 class ServeConfig(BaseModel):
     """Every kiln serving setting (canonical names). Engine-native extras live in ``engine_args``."""
 
@@ -42,6 +45,11 @@ class ServeConfig(BaseModel):
         "127.0.0.1", description="bind address (0.0.0.0 in container mode: the model from HF_MODEL_ID or /opt/ml/model)"
     )
     port: int = Field(8080, ge=0, le=65535, description="listen port")
+    api_key: str | None = Field(
+        None,
+        description="require 'Authorization: Bearer <key>' on every route but /ping, /health and /metrics (vLLM: "
+        "--api-key, VLLM_API_KEY); give it through the environment (OPTION_API_KEY), not the command line",
+    )
     engine: str | None = Field(None, description="engine for a plain Hugging Face dir (an artifact names its own)")
     task: Literal["generate", "embed"] | None = Field(
         None,
