@@ -216,7 +216,14 @@ async def load_service(startup: Startup, metrics: Metrics) -> ModelService:
         served,
         GenerationDefaults.from_config(_generation_config(model.path)),
         chat_template=startup.template,
-        options=ServiceOptions(cfg.predict_timeout, cfg.output_formatter, cfg.tgi_compat, cfg.normalize),
+        options=ServiceOptions(
+            cfg.predict_timeout,
+            cfg.output_formatter,
+            cfg.tgi_compat,
+            cfg.normalize,
+            max_prompt_chars=cfg.max_prompt_chars,
+            max_stop_sequences=cfg.max_stop_sequences,
+        ),
         metrics=metrics,
         root=str(model.path),
         vocab_size=model_config_int(model.path, "vocab_size"),
@@ -299,6 +306,7 @@ def make_server(startup: Startup) -> tuple[Any, Callable[[], int]]:
             model_loading_timeout=cfg.model_loading_timeout,
             enable_lora=cfg.enable_lora,
             api_key=cfg.api_key,
+            max_request_size=cfg.max_request_size,
         ),
     )
     config = uvicorn.Config(

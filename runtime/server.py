@@ -52,6 +52,7 @@ class ServerOptions:
     model_loading_timeout: float
     enable_lora: bool = False  # the adapter management routes (runtime/api/adapters.py)
     api_key: str | None = None  # None: no authentication (loopback by default; SageMaker signs in front)
+    max_request_size: int | None = None  # bytes a request body may hold (None: no limit)
 
 
 @dataclass
@@ -88,6 +89,8 @@ def create_app(
     )
     app.state.kiln = state
     app.add_middleware(Admission, limit=opts.job_queue_size, metrics=metrics)
+    if opts.max_request_size:
+        app.add_middleware(BodyLimit, limit=opts.max_request_size)
     if opts.api_key:  # added last, so it runs first: a refused request never reaches admission or the routes
         app.add_middleware(BearerAuth, key=opts.api_key)
     _install_error_handlers(app)
@@ -479,6 +482,49 @@ class BearerAuth:
         body = err.openai_body() if scope["path"].startswith("/v1/") else err.lmi_body()
         headers = {"www-authenticate": "Bearer"}
         await JSONResponse(body, status_code=401, headers=headers)(scope, _no_receive, send)
+
+
+class BodyLimit:
+    """Pure ASGI middleware: a request body above ``max_request_size`` bytes gets 413 naming the setting. A declared
+    Content-Length is refused before anything is read; a chunked body is read up to the limit and refused on the
+    first byte past it (what was read is kept in memory, at most the limit, and replayed to the route)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.limit:
+                await self._refuse(scope, send, int(declared))
+                return
+            await self.app(scope, receive, send)
+            return
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._refuse(scope, send, None)
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, send: Send, size: int | None) -> None:
+        got = f"{size} bytes" if size is not None else f"more than {self.limit} bytes"
+        err = APIError(413, f"the request body has {got}, over max_request_size={self.limit}: send less, or raise it")
+        body = err.openai_body() if scope["path"].startswith("/v1/") else err.lmi_body()
+        await JSONResponse(body, status_code=413, headers={"connection": "close"})(scope, _no_receive, send)
 
 
 async def _no_receive() -> Message:

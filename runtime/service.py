@@ -56,6 +56,11 @@ class GenerationDefaults:
         )
 
 
+# The default max_prompt_chars, per token of context: far above any tokenizer's average (about 4 characters per
+# token for English text), so only a prompt that cannot fit is refused unread.
+CHARS_PER_TOKEN = 64
+
+
 @dataclass(frozen=True)
 class ServiceOptions:
     """The serving settings the request path needs (from the resolved configuration, whose defaults hold)."""
@@ -64,6 +69,8 @@ class ServiceOptions:
     output_formatter: str  # LMI: json | jsonlines | sse
     tgi_compat: bool
     normalize: bool  # embeddings: L2-normalize unless a request says otherwise
+    max_prompt_chars: int | None = None  # None: CHARS_PER_TOKEN x the model's context, checked before tokenizing
+    max_stop_sequences: int | None = None  # None: no limit
 
 
 @dataclass
@@ -190,10 +197,24 @@ class ModelService:
             )
         except Exception as exc:
             raise APIError(400, f"the chat template could not render these messages: {exc}", param="messages") from exc
+        self._check_chars(text, "messages")
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _check_chars(self, text: str, param: str) -> None:
+        """Refuse a prompt no context could hold before the tokenizer spends CPU on it (a 1 M-character prompt takes
+        seconds to tokenize only to be refused for its length)."""
+        limit = self.options.max_prompt_chars or CHARS_PER_TOKEN * self.engine.max_model_len
+        if len(text) > limit:
+            raise APIError(
+                400,
+                f"the prompt has {len(text)} characters, more than max_prompt_chars={limit} (this model's context is "
+                f"{self.engine.max_model_len} tokens); shorten it",
+                param=param,
+            )
 
     def encode(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
         if isinstance(prompt, str):
+            self._check_chars(prompt, param)
             ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
         else:
             vocab = self.vocab_size
@@ -231,6 +252,11 @@ class ModelService:
 
     def validated(self, spec: SamplingSpec, names: Callable[[str], str] = str) -> SamplingSpec:
         """Let the engine refuse what it cannot do; ``names`` maps engine parameter names to the API's fields."""
+        most = self.options.max_stop_sequences
+        if most is not None and len(spec.stop) > most:
+            raise APIError(
+                400, f"{len(spec.stop)} stop sequences, more than max_stop_sequences={most}", param=names("stop")
+            )
         try:
             self.engine.validate(spec)
         except EngineRequestError as exc:

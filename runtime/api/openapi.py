@@ -107,6 +107,7 @@ ERROR_TEXT = {
     "400": "invalid request; `param` names the field",
     "404": "unknown model, or no such route",
     "408": "predict_timeout exceeded",
+    "413": "the body is larger than max_request_size",
     "424": "the engine failed the request",
     "500": "internal error",
     "503": "not ready, or job_queue_size requests already in flight (then with Retry-After)",
@@ -120,7 +121,7 @@ def _errors(codes: Iterable[str], lmi: bool = False) -> dict[str, Any]:
     return out
 
 
-GENERATION_ERRORS = ("400", "404", "408", "424", "500", "503")
+GENERATION_ERRORS = ("400", "404", "408", "413", "424", "500", "503")
 
 
 def _events(*data: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ ALIASES: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
     "tensor_parallel_size": ("tensor_parallel_degree", None),
     "rolling_batch": ("engine", lambda v: rolling_batch(str(v))),
     "kv_cache_memory_bytes": ("kv_cache_gib", lambda v: float(v) / GIB),
+    "max_request_size_mb": ("max_request_size", lambda v: int(float(v) * (1 << 20))),  # SAGEMAKER_MAX_PAYLOAD_IN_MB
     # engine-native settings with an LMI name: they pass through under vLLM's name
     "quantize": ("quantization", None),
     "max_rolling_batch_prefill_tokens": ("max_num_batched_tokens", None),
@@ -53,6 +54,8 @@ ENV_ALIASES: dict[str, tuple[str, int]] = {
     "PREDICT_TIMEOUT": ("predict_timeout", 0),
     "MODEL_LOADING_TIMEOUT": ("model_loading_timeout", 0),
     "SAGEMAKER_BIND_TO_PORT": ("port", 0),
+    "SAGEMAKER_MAX_REQUEST_SIZE": ("max_request_size", 0),
+    "SAGEMAKER_MAX_PAYLOAD_IN_MB": ("max_request_size_mb", 0),
     "VLLM_API_KEY": ("api_key", 1),  # vLLM's variable for --api-key
     # SageMaker inference components start a LoRA-serving base with these (vLLM DLC spellings)
     "SM_VLLM_ENABLE_LORA": ("enable_lora", 1),

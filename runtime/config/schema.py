@@ -68,6 +68,19 @@ class ServeConfig(BaseModel):
     enable_chunked_prefill: bool | None = Field(None, description="split long prefills across steps")
     kv_cache_gib: float | None = Field(None, gt=0, description="KV cache budget in GiB (default on CPU: the engine's)")
     job_queue_size: int = Field(1000, ge=1, description="generation requests in flight before 503")
+    max_request_size: int = Field(
+        16 << 20,
+        ge=1,
+        description="bytes a request body may hold; a larger one gets 413 before it is read (LMI's name; "
+        "SageMaker: SAGEMAKER_MAX_REQUEST_SIZE, SAGEMAKER_MAX_PAYLOAD_IN_MB)",
+    )
+    max_prompt_chars: int | None = Field(
+        None,
+        ge=1,
+        description="characters a prompt may have, checked before tokenizing (default: 64 per token of "
+        "max_model_len, more than any prompt that fits)",
+    )
+    max_stop_sequences: int = Field(64, ge=0, description="stop sequences one request may give (TGI's name)")
     predict_timeout: float = Field(240.0, gt=0, description="seconds one request may take (LMI: predict_timeout)")
     model_loading_timeout: float = Field(1800.0, gt=0, description="seconds the engine may take to load")
     output_formatter: Literal["json", "jsonlines", "sse"] = Field("json", description="LMI response form")

@@ -1,0 +1,111 @@
+"""Request limits, enforced before the expensive part: a body over ``max_request_size`` gets 413 before it is read
+(or, chunked, on the first byte past the limit); a prompt no context could hold gets 400 naming
+``max_prompt_chars`` before it is tokenized; more stop sequences than ``max_stop_sequences`` get 400 naming it. The
+server stays healthy throughout (fake engine: kiln's own behaviour)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import FakeServer, fake_server
+
+pytestmark = pytest.mark.unit
+LIMIT = 2 << 20  # 2 MiB
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir: Path) -> Iterator[FakeServer]:
+    with fake_server(tiny_dir, f"max_request_size={LIMIT}", "max_stop_sequences=8", "max_model_len_cap=64") as srv:
+        yield srv
+
+
+def _post(srv: FakeServer, path: str, body: object) -> httpx.Response:
+    return httpx.post(srv.base + path, json=body, timeout=60)
+
+
+@pytest.mark.parametrize("path", ["/invocations", "/v1/completions"])
+def test_a_body_over_the_limit_is_refused_413_naming_it(server: FakeServer, path: str) -> None:
+    prompt = "x" * (LIMIT + 10)
+    body = {"inputs": prompt} if path == "/invocations" else {"model": "tiny-llama", "prompt": prompt}
+    r = _post(server, path, body)
+    assert r.status_code == 413, r.text
+    message = r.json()["error"] if path == "/invocations" else r.json()["error"]["message"]
+    assert f"max_request_size={LIMIT}" in message
+    assert httpx.get(server.base + "/ping", timeout=10).status_code == 200
+
+
+def test_a_chunked_body_is_cut_at_the_limit_and_a_small_one_replayed(server: FakeServer) -> None:
+    def chunks(total: int) -> Iterator[bytes]:
+        head = b'{"inputs": "'
+        yield head
+        for _ in range(total // 65536):
+            yield b"y" * 65536
+        yield b'", "parameters": {"max_new_tokens": 2}}'
+
+    big = httpx.post(server.base + "/invocations", content=chunks(LIMIT + 65536), timeout=60)  # no Content-Length
+    assert big.status_code == 413, big.text
+    assert "more than" in big.json()["error"]
+    small = httpx.post(
+        server.base + "/invocations",
+        content=chunks(4 * 65536),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert small.status_code == 400, small.text  # read whole and parsed: its prompt is then too long for this model
+    assert "max_prompt_chars" in small.json()["error"]
+
+
+def test_a_prompt_no_context_holds_is_refused_before_tokenizing(server: FakeServer) -> None:
+    # max_model_len is 64 here: the default limit is 64 characters per token of context, 4096 characters
+    r = _post(server, "/v1/completions", {"model": "tiny-llama", "prompt": "z" * 1_000_000, "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "prompt"
+    assert "1000000 characters, more than max_prompt_chars=4096" in err["message"]
+    chat = _post(
+        server, "/v1/chat/completions", {"model": "tiny-llama", "messages": [{"role": "user", "content": "z" * 5000}]}
+    )
+    assert chat.status_code == 400, chat.text
+    assert chat.json()["error"]["param"] == "messages"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"model": "tiny-llama", "prompt": "hi", "stop": [f"s{i}" for i in range(10_000)]}, "stop"),
+        ("/invocations", {"inputs": "hi", "parameters": {"stop_sequences": [f"s{i}" for i in range(9)]}}, None),
+    ],
+)
+def test_too_many_stop_sequences_are_refused_naming_the_limit(
+    server: FakeServer, path: str, body: dict[str, object], param: str | None
+) -> None:
+    r = _post(server, path, body)
+    assert r.status_code == 400, r.text
+    text = json.dumps(r.json())
+    assert "more than max_stop_sequences=8" in text
+    if param:
+        assert r.json()["error"]["param"] == param
+    ok = _post(server, "/v1/completions", {"model": "tiny-llama", "prompt": "hi", "max_tokens": 2, "stop": ["a"] * 8})
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "tiny-llama", "prompt": "hi", "n": 5000}, "n"),
+        ({"model": "tiny-llama", "prompt": "hi", "max_tokens": 2**63}, "max_tokens"),
+        ({"model": "tiny-llama", "prompt": "hi", "temperature": 1e308}, None),
+    ],
+)
+def test_absurd_numbers_are_never_5xx(server: FakeServer, body: dict[str, object], param: str | None) -> None:
+    r = _post(server, "/v1/completions", body | {"max_tokens": body.get("max_tokens", 2)})
+    assert r.status_code < 500, r.text
+    if param:  # refused, naming the field; a huge temperature is a valid (uniform) sampling request, as in vLLM
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == param
+    assert httpx.get(server.base + "/ping", timeout=10).status_code == 200
