@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from runtime.exitcodes import EX_CONFIG
 from runtime.host import detect
 from tests.conftest import Server, build, run_cli, start_server, wait_ready
 
@@ -237,7 +238,7 @@ def test_modelopt_output_for_tensorrt_llm(trained: str, name: str, tmp_path: Pat
 
 def test_tensorrt_llm_artifact_is_refused_here_by_name(trained: str) -> None:
     proc = run_cli("runtime", "serve", quantized("trt-fp8"), "--port", "1", timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == EX_CONFIG  # no restart can make it fit
     assert "target.engine" in proc.stderr
     assert "tensorrt_llm" in proc.stderr
 
@@ -347,7 +348,7 @@ def test_vllm_cpu_serves_the_quantized_artifact(served: dict[str, Server], name:
 @pytest.mark.parametrize("name", REFUSED_HERE)
 def test_runtime_refuses_what_vllm_cpu_cannot_run(trained: str, name: str) -> None:
     proc = run_cli("runtime", "serve", quantized(name), "--port", "1", timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == EX_CONFIG
     err = proc.stderr
     assert "this artifact cannot run here" in err
     assert CT_EXPECT[name][0] in err  # names the quantization method
