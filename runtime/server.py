@@ -451,8 +451,7 @@ class Admission:
             503,
             f"the server is at capacity: {self.limit} requests in flight (job_queue_size); retry later",
         )
-        body = err.openai_body() if scope["path"].startswith("/v1/") else err.lmi_body()
-        await JSONResponse(body, status_code=503, headers={"retry-after": "1"})(scope, _no_receive, send)
+        await _refuse(scope, send, err, {"retry-after": "1"})
 
 
 # Routes an API key does not guard: probes (SageMaker's /ping, load balancers' /health) and Prometheus' scrape.
@@ -479,9 +478,7 @@ class BearerAuth:
             return
         what = "a wrong API key" if given else "no API key"
         err = APIError(401, f"{what}: send 'Authorization: Bearer <key>' with the server's api_key")
-        body = err.openai_body() if scope["path"].startswith("/v1/") else err.lmi_body()
-        headers = {"www-authenticate": "Bearer"}
-        await JSONResponse(body, status_code=401, headers=headers)(scope, _no_receive, send)
+        await _refuse(scope, send, err, {"www-authenticate": "Bearer"})
 
 
 class BodyLimit:
@@ -523,8 +520,13 @@ class BodyLimit:
     async def _refuse(self, scope: Scope, send: Send, size: int | None) -> None:
         got = f"{size} bytes" if size is not None else f"more than {self.limit} bytes"
         err = APIError(413, f"the request body has {got}, over max_request_size={self.limit}: send less, or raise it")
-        body = err.openai_body() if scope["path"].startswith("/v1/") else err.lmi_body()
-        await JSONResponse(body, status_code=413, headers={"connection": "close"})(scope, _no_receive, send)
+        await _refuse(scope, send, err, {"connection": "close"})
+
+
+async def _refuse(scope: Scope, send: Send, err: APIError, headers: dict[str, str]) -> None:
+    """Answer ``err`` from a middleware, before the route runs: the OpenAI error shape under /v1/, LMI's elsewhere."""
+    body = err.openai_body() if scope["path"].startswith("/v1/") else err.lmi_body()
+    await JSONResponse(body, status_code=err.status, headers=headers)(scope, _no_receive, send)
 
 
 async def _no_receive() -> Message:

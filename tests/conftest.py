@@ -329,13 +329,13 @@ def fake_server(model_dir: Path, *options: str, env: dict[str, str] | None = Non
             thread.join(timeout=30)
 
 
-def start_fake_process(model_dir: Path, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
-    """``python -m runtime serve DIR --engine fake`` as a real process (signals, exit codes)."""
+def launch_fake(command: str, model: str, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
+    """``python -m runtime <command> MODEL --engine fake`` (serve or supervise) as a real process; not waited for."""
     port = free_port()
-    log = tmp / f"fake-{port}.log"
+    log = tmp / f"{command}-{port}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fake_serve", "serve", str(model_dir), "--engine", "fake", "--port", str(port)]
+            [sys.executable, "-m", "tests.fake_serve", command, model, "--engine", "fake", "--port", str(port)]
             + list(extra),
             cwd=ROOT,
             stdout=out,
@@ -343,7 +343,12 @@ def start_fake_process(model_dir: Path, tmp: Path, *extra: str, env: dict[str, s
             text=True,
             env={**os.environ, **(env or {})},
         )
-    server = Server(proc, f"http://127.0.0.1:{port}", log, [])
+    return Server(proc, f"http://127.0.0.1:{port}", log, [])
+
+
+def start_fake_process(model_dir: Path, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
+    """``python -m runtime serve DIR --engine fake`` as a real process (signals, exit codes), once ready."""
+    server = launch_fake("serve", str(model_dir), tmp, *extra, env=env)
     wait_ready(server, 120)
     return server
 

@@ -85,7 +85,7 @@ def test_memory_decides_between_gpus_and_the_list_is_cheapest_first() -> None:
     # 30 GiB of bfloat16 weights: more than an A10G/L4 (24 GiB) holds, within an L40S (48 GiB) or an A100 (40 GiB)
     need = fit.Need(weights=30 << 30, kv=0, tensor_parallel_degree=1, max_model_len=1, max_num_seqs=1)
     table = fit.table()
-    ok = fit.fitting(table.instances, _target(), need)
+    ok = fit.fitting(table.instances, _target(), {"cuda": need})
     assert [i.type for i in ok][:2] == ["ml.g6e.xlarge", "ml.g6e.12xlarge"]
     assert {"ml.g5.xlarge", "ml.g6.xlarge", "ml.g4dn.xlarge"}.isdisjoint(i.type for i in ok)
     prices = [i.usd_per_hour for i in ok]

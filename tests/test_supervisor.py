@@ -7,10 +7,7 @@ the ones a container sees, in seconds.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -21,26 +18,14 @@ import pytest
 
 from runtime.exitcodes import EX_CONFIG, EX_USAGE
 from runtime.supervisor import STABLE_S, Policy, failures_after, verdict
-from tests.conftest import ROOT, Server, free_port, wait_ready
+from tests.conftest import Server, launch_fake, wait_ready
 
 STARTED = "started the server"  # the supervisor's log line for each server it starts
 
 
 def start_supervisor(model: str, tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
     """``supervise MODEL --engine fake --port P …`` as a process; not waited for."""
-    port = free_port()
-    log = tmp / f"supervisor-{port}.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.fake_serve", "supervise", model, "--engine", "fake", "--port", str(port)]
-            + list(extra),
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-    return Server(proc, f"http://127.0.0.1:{port}", log, [])
+    return launch_fake("supervise", model, tmp, *extra, env=env)
 
 
 def server_pid(sup: Server) -> int:

@@ -126,10 +126,7 @@ def size(manifest: Manifest, config: dict[str, Any], args: argparse.Namespace) -
     """The need on each device kind the artifact runs on, the instance types that fit, and the one chosen."""
     table = fit.table()
     needs = {d: _need(manifest, config, d, args) for d in manifest.target.devices}
-    ok = sorted(
-        (i for i in table.instances if i.device in needs and fit.problem(i, manifest.target, needs[i.device]) is None),
-        key=lambda i: i.usd_per_hour,
-    )
+    ok = fit.fitting(table.instances, manifest.target, needs)
     chosen = _choose(args, table, manifest, needs, ok)
     return Sized(manifest, chosen, needs.get(chosen.device) or next(iter(needs.values())), needs, ok)
 

@@ -158,9 +158,10 @@ def problem(instance: Instance, target: Target, need: Need) -> tuple[str, str] |
     return None
 
 
-def fitting(instances: tuple[Instance, ...], target: Target, need: Need) -> list[Instance]:
-    """The instance types that fit, cheapest first."""
-    return sorted((i for i in instances if problem(i, target, need) is None), key=lambda i: i.usd_per_hour)
+def fitting(instances: tuple[Instance, ...], target: Target, needs: Mapping[str, Need]) -> list[Instance]:
+    """The instance types that fit, cheapest first; ``needs`` holds the need on each device kind considered."""
+    ok = (i for i in instances if i.device in needs and problem(i, target, needs[i.device]) is None)
+    return sorted(ok, key=lambda i: i.usd_per_hour)
 
 
 def memory_mb(need: Need, device: str) -> int:

@@ -234,16 +234,23 @@ def _create_once(client: Any, call: Call, say: Callable[[str], None]) -> None:
     say(f"{call.operation}: {name}")
 
 
-def _endpoint(client: Any, call: Call, say: Callable[[str], None]) -> None:
+def _described(client: Any, method: str, **params: Any) -> dict[str, Any] | None:
+    """``client.<method>(**params)``'s answer, or None where SageMaker says the resource does not exist."""
     from botocore.exceptions import ClientError
 
-    name, config = call.params["EndpointName"], call.params["EndpointConfigName"]
     try:
-        current = client.describe_endpoint(EndpointName=name)
+        return dict(getattr(client, method)(**params))
     except ClientError as exc:
         code, message = _error_code(exc)
         if code != "ValidationException" or "Could not find" not in message:
             raise
+        return None
+
+
+def _endpoint(client: Any, call: Call, say: Callable[[str], None]) -> None:
+    name, config = call.params["EndpointName"], call.params["EndpointConfigName"]
+    current = _described(client, "describe_endpoint", EndpointName=name)
+    if current is None:
         client.create_endpoint(**call.params)
         say(f"CreateEndpoint: {name} on {config}")
         return
@@ -255,15 +262,8 @@ def _endpoint(client: Any, call: Call, say: Callable[[str], None]) -> None:
 
 
 def _component(client: Any, call: Call, say: Callable[[str], None]) -> None:
-    from botocore.exceptions import ClientError
-
     name = call.params["InferenceComponentName"]
-    try:
-        client.describe_inference_component(InferenceComponentName=name)
-    except ClientError as exc:
-        code, message = _error_code(exc)
-        if code != "ValidationException" or "Could not find" not in message:
-            raise
+    if _described(client, "describe_inference_component", InferenceComponentName=name) is None:
         client.create_inference_component(**call.params)
         say(f"CreateInferenceComponent: {name}")
         return
