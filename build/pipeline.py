@@ -16,6 +16,7 @@ from typing import Any
 
 from artifacts import __version__ as kiln_version
 from artifacts import ops
+from artifacts.devices import nvidia_gpus
 from artifacts.errors import ArtifactError
 from artifacts.manifest import Manifest, Target
 from artifacts.paths import cache_root, default_store_uri
@@ -79,12 +80,13 @@ def run_build(cfg: BuildConfig) -> BuildResult:
         stages.append(final)
         check_quantize_gate(cfg, stages)  # before compiling: a checkpoint that will not be published is not compiled
     c = COMPILERS[cfg.compile.backend]
-    if c.entry and c.toolchain:
-        spec = StageSpec("compile", c.toolchain, c.entry, host_bound=True, code=c.code)
+    device = cfg.compile.build_device(("cuda", "cpu") if nvidia_gpus() else ("cpu",))
+    if c.entry and (toolchain := c.toolchain_for(device)):
+        spec = StageSpec("compile", toolchain, c.entry, host_bound=True, code=c.code)
         # The warm-up derives the engine settings as serve will, from this artifact's target block (as far as the
         # stages so far determined it) and its serving block.
         target = build_target(cfg, stages).to_dict()
-        params = {"config": to_plain(cfg.compile), "target": target, "serving": serving_block(cfg)}
+        params = {"config": to_plain(cfg.compile), "target": target, "serving": serving_block(cfg), "device": device}
         final = run_stage(spec, params, {"model": _input(final)}, cache, force=cfg.force)
         stages.append(final)
     if cfg.speculative.method == "draft_model":

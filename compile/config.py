@@ -18,3 +18,8 @@ class CompileConfig:
         Checked once, at the edge, with the rest of the build config (build/config.py: validate).
         """
         return []
+
+    def build_device(self, host_devices: tuple[str, ...]) -> str | None:
+        """The device kind the stage compiles for on a build host with ``host_devices`` (best first); None when the
+        stage's output is not tied to one (no toolchain choice depends on it)."""
+        return None

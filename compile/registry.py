@@ -1,12 +1,13 @@
 """The compiler registry, keyed by the ``compile=`` config option name.
 
 ``none`` does no ahead-of-time work: the artifact is served as converted (or quantized). ``vllm`` starts vLLM in
-the build and packages its torch.compile cache (compile/vllm.py).
+the build and packages its torch.compile cache (compile/vllm.py), on the build host's CPU or NVIDIA GPU.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from compile.config import CompileConfig
 from compile.vllm import VllmCompileConfig
@@ -19,6 +20,12 @@ class CompilerSpec:
     entry: str | None  # "module:function" run inside the toolchain
     engine: str | None = None  # the target engine whose artifacts it compiles (None: any)
     code: tuple[str, ...] = ()  # modules outside compile/ the stage runs (their code joins its cache key)
+    # The toolchain per device kind the stage compiles for (CompileConfig.build_device), where it is not
+    # ``toolchain``: compiling for a GPU needs the engine built against CUDA.
+    device_toolchains: Mapping[str, str] = field(default_factory=dict)
+
+    def toolchain_for(self, device: str | None) -> str | None:
+        return self.device_toolchains.get(device or "", self.toolchain)
 
 
 COMPILERS: dict[str, CompilerSpec] = {
@@ -26,6 +33,7 @@ COMPILERS: dict[str, CompilerSpec] = {
     "vllm": CompilerSpec(
         config_cls=VllmCompileConfig,
         toolchain="vllm-cpu",
+        device_toolchains={"cuda": "vllm-cuda"},
         entry="compile.vllm:run",
         engine="vllm",
         # The warm-up derives the settings as serve does and runs the engine's hook: a change in any of these can

@@ -34,6 +34,7 @@ from artifacts.paths import cache_root
 from compile.config import CompileConfig
 
 log = logging.getLogger("kiln.compile.vllm")
+COMPILE_DEVICES = ("auto", "cpu", "cuda")
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the runtime's warm-up is started from this checkout
 
 
@@ -48,6 +49,10 @@ class VllmCompileConfig(CompileConfig):
     # Package vLLM's AOT function too, where kiln's guard for its reload applies (runtime/engines/vllm/patches.py):
     # a start then loads the compiled model instead of tracing it again. false: inductor's cache only.
     aot: bool = True
+    # The device the cache is compiled for: "auto" is the build host's NVIDIA GPU when it has one, else its CPU.
+    # "cuda" runs the warm-up in the vllm-cuda toolchain (vLLM and torch built for CUDA). A cache serves only on
+    # the device kind (and, on GPUs, the compute capability) it was compiled for.
+    device: str = "auto"
 
     def problems(self, build: Any) -> list[tuple[str, str]]:
         out = []
@@ -64,7 +69,16 @@ class VllmCompileConfig(CompileConfig):
             out.append(("compile.kv_cache_gib", "must be > 0"))
         if self.timeout_s <= 0:
             out.append(("compile.timeout_s", "must be > 0"))
+        if self.device not in COMPILE_DEVICES:
+            out.append(("compile.device", f"{self.device!r} is not one of {list(COMPILE_DEVICES)}"))
+        elif self.device != "auto" and self.device not in build.target.devices:
+            out.append(("compile.device", f"{self.device} is not in target.devices {list(build.target.devices)}"))
         return out
+
+    def build_device(self, host_devices: tuple[str, ...]) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if "cuda" in host_devices else "cpu"
 
 
 def run(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path) -> dict[str, Any]:
@@ -75,7 +89,8 @@ def run(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path) -> dic
     cfg = VllmCompileConfig(**params["config"])
     model = inputs["model"]
     link_tree(model, out)
-    report = _warm_up(out, params["target"], params["serving"], cfg, log_path=out.parent / "warmup.log")
+    device = params.get("device") or cfg.build_device(("cpu",))
+    report = _warm_up(out, params["target"], params["serving"], cfg, device, log_path=out.parent / "warmup.log")
     files = [p for p in (out / COMPILE_CACHE_DIR).rglob("*") if p.is_file()]
     log.info("compile: %d cache files", len(files))
     return {
@@ -87,7 +102,12 @@ def run(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path) -> dic
 
 
 def _warm_up(
-    out: Path, target: Mapping[str, Any], serving: Mapping[str, Any], cfg: VllmCompileConfig, log_path: Path
+    out: Path,
+    target: Mapping[str, Any],
+    serving: Mapping[str, Any],
+    cfg: VllmCompileConfig,
+    device: str,
+    log_path: Path,
 ) -> dict[str, Any]:
     """Run ``python -m runtime.warmup`` (vLLM needs a process with a ``__main__`` guard to spawn its engine)."""
     report = out.parent / "warmup.json"
@@ -112,7 +132,12 @@ def _warm_up(
     # read by the runtime's compile_cache.point_engine_at; set either way, so the caller's environment cannot
     # make the cache disagree with the stage key
     env["KILN_VLLM_AOT"] = "1" if cfg.aot else "0"
-    print("kiln: compile: starting vLLM to compile the model (about a minute for the tiny one)", file=sys.stderr)
+    if device == "cpu":  # the runtime would pick a GPU where it sees one: hide it, the cache is for the CPU
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    print(
+        f"kiln: compile: starting vLLM on {device} to compile the model (about a minute for the tiny one)",
+        file=sys.stderr,
+    )
     start = time.monotonic()
     with open(log_path, "w") as log_file:
         # its own process group, so that a timeout or an interrupt also stops vLLM's engine processes

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from artifacts.devices import Gpu as Gpu  # re-exported: Host.gpus holds them
+from artifacts.devices import nvidia_gpus
 from artifacts.manifest import Target
 from runtime import engines
 
@@ -28,17 +28,60 @@ class Host:
     gpu_count: int
     numa_nodes: int
     cpu_flags: frozenset[str] = frozenset()  # /proc/cpuinfo flags (x86: avx2, avx512f, …)
+    gpus: tuple[Gpu, ...] = ()
+    neuron_devices: int = 0  # /dev/neuron* (one per Inferentia2 / Trainium chip)
+    neuron_cores: int = 0  # NeuronCores (the unit Neuron's tensor parallelism counts)
+    # EC2 instance type ("inf2.24xlarge"), from KILN_INSTANCE_TYPE, SageMaker's SM_CURRENT_INSTANCE_TYPE or
+    # the DMI product name EC2 sets; None where none says.
+    instance_type: str | None = None
 
     def count(self, device: str) -> int:
-        return {"cuda": self.gpu_count, "cpu": self.numa_nodes}.get(device, 1)
+        """Devices of ``device`` a tensor-parallel group can span (NeuronCores on Neuron)."""
+        return {"cuda": self.gpu_count, "cpu": self.numa_nodes, "neuron": self.neuron_cores}.get(device, 1)
+
+    @property
+    def instance_family(self) -> str | None:
+        """``inf2`` for ``inf2.24xlarge`` (and for ``ml.inf2.24xlarge``)."""
+        if not self.instance_type:
+            return None
+        return self.instance_type.removeprefix("ml.").split(".", 1)[0]
+
+
+# NeuronCores per device by instance family (Inferentia2 and Trainium chips have 2 each, Trainium2 8), for hosts
+# where the Neuron tools that report them are absent.
+NEURON_CORES_PER_DEVICE = {"inf2": 2, "trn1": 2, "trn1n": 2, "trn2": 8}
 
 
 @lru_cache(maxsize=1)
 def detect() -> Host:
-    gpus = _nvidia_gpus()
-    devices = ("cuda",) * bool(gpus) + ("neuron",) * bool(glob.glob("/dev/neuron*")) + ("cpu",)
+    gpus = nvidia_gpus()
+    neuron = len(glob.glob("/dev/neuron[0-9]*"))
+    devices = ("cuda",) * bool(gpus) + ("neuron",) * bool(neuron) + ("cpu",)
     numa = len(glob.glob("/sys/devices/system/node/node[0-9]*")) or 1
-    return Host(devices=devices, gpu_count=gpus, numa_nodes=numa, cpu_flags=_cpu_flags())
+    instance = _instance_type()
+    family = instance.removeprefix("ml.").split(".", 1)[0] if instance else ""
+    cores = neuron * NEURON_CORES_PER_DEVICE.get(family, 2)
+    return Host(
+        devices=devices,
+        gpu_count=len(gpus),
+        numa_nodes=numa,
+        cpu_flags=_cpu_flags(),
+        gpus=gpus,
+        neuron_devices=neuron,
+        neuron_cores=int(os.environ.get("NEURON_RT_NUM_CORES") or cores),
+        instance_type=instance,
+    )
+
+
+def _instance_type() -> str | None:
+    for var in ("KILN_INSTANCE_TYPE", "SM_CURRENT_INSTANCE_TYPE"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:  # EC2 writes the instance type as the DMI product name (no metadata-service call needed)
+        name = Path("/sys/devices/virtual/dmi/id/product_name").read_text().strip()
+    except OSError:
+        return None
+    return name if "." in name and " " not in name else None
 
 
 def _cpu_flags() -> frozenset[str]:
@@ -48,16 +91,6 @@ def _cpu_flags() -> frozenset[str]:
         return frozenset()
     line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
     return frozenset(line.partition(":")[2].split())
-
-
-def _nvidia_gpus() -> int:
-    if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not shutil.which("nvidia-smi"):
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
 def check_target(target: Target, host: Host) -> str:

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import logging
 import os
+import tomllib
 from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
 
+from artifacts.devices import Gpu, parse_gpus
 from artifacts.manifest import Manifest, Target
 from artifacts.ops import scan_dir
+from compile.registry import COMPILERS
 from runtime.engines.base import EngineSettings
 from runtime.engines.vllm import compile_cache
 from runtime.host import TargetMismatchError
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.unit
 
@@ -167,6 +170,7 @@ def test_watch_reports_an_aot_function_saved_again_in_place(tmp_path: Path, capl
         (["compile=vllm", "serving.enforce_eager=true"], "serving.enforce_eager"),
         (["compile=vllm", "target.engine=neuron"], "target.engine"),
         (["compile=vllm", "compile.timeout_s=0"], "compile.timeout_s"),
+        (["compile=vllm", "compile.device=tpu"], "compile.device"),
         (["target.engine=foo"], "target.engine"),
         (["build.force=true"], "build.force"),
     ],
@@ -190,3 +194,72 @@ def test_packaged_cache_leaves_out_locks_and_bytecode(tmp_path: Path) -> None:
         "inductor/ab",
         "inductor/ab/k.main.so",
     ]
+
+
+# -- compile=vllm on a GPU build host: the toolchain and the cuda key fields -------------------------------------
+
+H100 = Gpu("NVIDIA H100 80GB HBM3", "9.0", "570.86.15", 81559)
+A10G = Gpu("NVIDIA A10G", "8.6", "570.86.15", 23028)
+
+
+def test_nvidia_smi_rows_become_gpus() -> None:
+    text = "NVIDIA H100 80GB HBM3, 9.0, 570.86.15, 81559\nNVIDIA H100 80GB HBM3, 9.0, 570.86.15, 81559\n\n"
+    assert parse_gpus(text) == (H100, H100)
+    assert parse_gpus("No devices were found") == ()
+
+
+def test_cuda_key_takes_capability_from_the_driver_not_torch() -> None:
+    key = compile_cache.cuda_key("13.0", (H100,))
+    assert key == {"cuda": "13.0", "gpu_capability": "9.0", "cuda_driver": "570.86.15"}
+
+
+def test_a_cpu_torch_on_a_gpu_host_is_refused_with_the_install_line() -> None:
+    with pytest.raises(TargetMismatchError, match=r"kiln\[vllm-cuda\]") as info:
+        compile_cache.cuda_key(None, (H100,))
+    assert info.value.field == "compile.cuda"
+
+
+def test_an_sm90_cache_is_refused_on_an_a10g_naming_the_capability() -> None:
+    built = {"device": "cuda", "vllm": "0.32.0", "torch": "2.13.0", **compile_cache.cuda_key("13.0", (H100,))}
+    here = built | compile_cache.cuda_key("13.0", (A10G,))
+    field, why = compile_cache.mismatch(built, here) or ("", "")
+    assert field == "gpu_capability"
+    assert "'9.0'" in why
+    assert "'8.6'" in why
+
+
+@pytest.mark.parametrize(
+    ("built", "host", "fits"),
+    [("570.86.15", "570.86.15", True), ("550.54.15", "570.86.15", True), ("570.86.15", "550.54.15", False)],
+)
+def test_a_newer_driver_loads_what_an_older_one_compiled(built: str, host: str, fits: bool) -> None:
+    key = {"device": "cuda", "cuda_driver": built}
+    bad = compile_cache.mismatch(key, key | {"cuda_driver": host})
+    assert (bad is None) == fits
+    if bad:
+        assert bad[0] == "cuda_driver"
+
+
+@pytest.mark.parametrize(
+    ("device", "host", "toolchain"),
+    [
+        ("auto", ("cuda", "cpu"), "vllm-cuda"),
+        ("auto", ("cpu",), "vllm-cpu"),
+        ("cpu", ("cuda", "cpu"), "vllm-cpu"),
+        ("cuda", ("cpu",), "vllm-cuda"),
+    ],
+)
+def test_the_compile_device_picks_the_toolchain(device: str, host: tuple[str, ...], toolchain: str) -> None:
+    spec = COMPILERS["vllm"]
+    cfg = spec.config_cls(device=device)  # type: ignore[call-arg]
+    assert spec.toolchain_for(cfg.build_device(host)) == toolchain
+    assert (ROOT / "build" / "toolchains" / f"{toolchain}.txt").is_file()
+
+
+def test_the_cuda_toolchain_pins_the_vllm_of_the_cuda_extra() -> None:
+    from build.toolchains import Toolchain
+
+    pins = Toolchain("vllm-cuda", ROOT / "build" / "toolchains" / "vllm-cuda.txt").pins
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["vllm-cuda"]
+    assert [f"vllm=={pins['vllm']}"] == extra
+    assert "+cpu" not in pins["torch"]

@@ -43,6 +43,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from artifacts.devices import Gpu, nvidia_gpus
 from artifacts.digest import hex_of, sha256_file
 from artifacts.manifest import COMPILE_CACHE_DIR, FileEntry, Manifest
 from artifacts.paths import cache_root
@@ -64,18 +65,22 @@ KEY_ORDER = (
     "torch",
     "cuda",
     "gpu_capability",
+    "cuda_driver",
     "cpu_isa",
     "cpu_arch",
     "torch_dir",
     "python_include",
     "dtype",
 )
+# Fields where a newer host is fine (a newer driver loads what an older one compiled): compared by major version.
+AT_LEAST = frozenset({"cuda_driver"})
 _WHY = {
     "device": "the cache holds code for another device kind",
     "vllm": "compiled graphs are tied to the exact vLLM version",
     "torch": "inductor's cache is keyed by torch's exact version and source",
     "cuda": "compiled kernels are tied to the CUDA version",
     "gpu_capability": "compiled kernels are tied to the GPU's compute capability",
+    "cuda_driver": "kernels compiled under a newer driver may use PTX an older driver cannot load",
     "cpu_isa": "inductor generated vector code for another instruction set",
     "cpu_arch": "the kernels were built with -march=native for another CPU and could crash on this one",
     "torch_dir": "inductor keys every C++ kernel by the compiler's include paths, so all of them would recompile",
@@ -98,8 +103,7 @@ def host_key(device: str, dtype: str) -> dict[str, str]:
 
     key = {"device": device, "vllm": SPEC.installed_version() or "", "torch": torch.__version__}
     if device == "cuda":
-        major, minor = torch.cuda.get_device_capability()
-        key |= {"cuda": str(torch.version.cuda), "gpu_capability": f"{major}.{minor}"}
+        key |= cuda_key(torch.version.cuda, nvidia_gpus())
     else:
         key |= {
             "cpu_isa": _cpu_isa(),
@@ -108,6 +112,20 @@ def host_key(device: str, dtype: str) -> dict[str, str]:
             "python_include": sysconfig.get_path("include"),
         }
     return key | {"dtype": dtype}
+
+
+def cuda_key(torch_cuda: str | None, gpus: tuple[Gpu, ...]) -> dict[str, str]:
+    """The CUDA fields of the key: torch's CUDA version, the GPU's compute capability (from the driver, so a CPU
+    torch cannot misreport it) and the driver version."""
+    if torch_cuda is None:
+        raise TargetMismatchError(
+            "compile.cuda", "this environment's torch is built without CUDA: install 'kiln[vllm-cuda]' on GPU hosts"
+        )
+    if not gpus:
+        raise TargetMismatchError("compile.device", "no NVIDIA GPU is visible (nvidia-smi lists none)")
+    if len({g.capability for g in gpus}) > 1:
+        log.warning("GPUs of different compute capabilities: the key records the first (%s)", gpus[0].capability)
+    return {"cuda": torch_cuda, "gpu_capability": gpus[0].capability, "cuda_driver": gpus[0].driver}
 
 
 def _cpu_isa() -> str:
@@ -139,10 +157,20 @@ def mismatch(recorded: Mapping[str, str], here: Mapping[str, str]) -> tuple[str,
     for field in fields:
         if field not in here:
             return field, "this runtime cannot check this field (the artifact was built by a newer kiln); upgrade kiln"
+        if field in AT_LEAST:
+            if _major(here[field]) < _major(recorded[field]):
+                why = _WHY[field]
+                return field, f"the cache was compiled under {recorded[field]!r}, this host has {here[field]!r} ({why})"
+            continue
         if recorded[field] != here[field]:
             why = _WHY.get(field, "the compiled content depends on it")
             return field, f"the cache was compiled for {recorded[field]!r}, this host has {here[field]!r} ({why})"
     return None
+
+
+def _major(version: str) -> int:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 # ---------------------------------------------------------------------------------------------- serving
