@@ -28,6 +28,7 @@ class Host:
     gpu_count: int
     numa_nodes: int
     cpu_flags: frozenset[str] = frozenset()  # /proc/cpuinfo flags (x86: avx2, avx512f, …)
+    cpu_cores: tuple[int, ...] = ()  # the CPU ids this process may run on (its affinity)
     gpus: tuple[Gpu, ...] = ()
     neuron_devices: int = 0  # /dev/neuron* (one per Inferentia2 / Trainium chip)
     neuron_cores: int = 0  # NeuronCores (the unit Neuron's tensor parallelism counts)
@@ -36,8 +37,10 @@ class Host:
     instance_type: str | None = None
 
     def count(self, device: str) -> int:
-        """Devices of ``device`` a tensor-parallel group can span (NeuronCores on Neuron)."""
-        return {"cuda": self.gpu_count, "cpu": self.numa_nodes, "neuron": self.neuron_cores}.get(device, 1)
+        """Devices of ``device`` a tensor-parallel group can span: GPUs, NeuronCores, and on a CPU its NUMA nodes or,
+        where ranks outnumber them, its cores (one rank per core set; runtime/engines/vllm: cpu_thread_binding)."""
+        cpu = max(self.numa_nodes, len(self.cpu_cores))
+        return {"cuda": self.gpu_count, "cpu": cpu, "neuron": self.neuron_cores}.get(device, 1)
 
     @property
     def instance_family(self) -> str | None:
@@ -66,6 +69,7 @@ def detect() -> Host:
         gpu_count=len(gpus),
         numa_nodes=numa,
         cpu_flags=_cpu_flags(),
+        cpu_cores=tuple(sorted(os.sched_getaffinity(0))),
         gpus=gpus,
         neuron_devices=neuron,
         neuron_cores=int(os.environ.get("NEURON_RT_NUM_CORES") or cores),

@@ -29,6 +29,7 @@ from runtime.engines.base import (
     TokenInfo,
 )
 from runtime.engines.vllm import compile_cache
+from runtime.host import Host, detect
 
 log = logging.getLogger("kiln.runtime.vllm")
 
@@ -64,6 +65,18 @@ def engine_kwargs(s: EngineSettings) -> dict[str, Any]:
         kwargs["speculative_config"] = s.speculative.config()
     kwargs.update(s.extra)
     return kwargs
+
+
+def cpu_thread_binding(s: EngineSettings, host: Host) -> str | None:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for tensor parallelism on a CPU with fewer NUMA nodes than ranks: the cores split
+    evenly, one set per rank ("0|1" on two cores). vLLM's own automatic binding gives each rank a NUMA node (the
+    faster layout) and refuses to start with more ranks than nodes; None leaves it to that."""
+    tp = s.tensor_parallel_degree
+    if s.device != "cpu" or tp <= 1 or tp <= host.numa_nodes or len(host.cpu_cores) < tp:
+        return None
+    per = len(host.cpu_cores) // tp
+    sets = [host.cpu_cores[i * per : (i + 1) * per] for i in range(tp)]
+    return "|".join(",".join(str(c) for c in cores) for cores in sets)
 
 
 def typed_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -173,6 +186,8 @@ class VllmEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose or to_file else "WARNING")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         os.environ.setdefault("DO_NOT_TRACK", "1")
+        if (bind := cpu_thread_binding(self.settings, detect())) is not None:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)  # an operator's own binding wins
         if self.settings.compile_cache is not None:
             compile_cache.point_engine_at(self.settings.compile_cache)
             self._cache_watch = compile_cache.CacheWatch(self.settings.compile_cache)
