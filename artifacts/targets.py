@@ -53,6 +53,7 @@ ENGINES: dict[str, EngineTarget] = {
     "transformers": EngineTarget(("cpu", "cuda")),
     "tensorrt_llm": EngineTarget(("cuda",), "TensorRT-LLM runs on NVIDIA GPUs only"),
     "neuron": EngineTarget(("neuron",), "Neuron graphs run on AWS Inferentia and Trainium only"),
+    "deepspeed": EngineTarget(("cpu", "cuda")),
 }
 
 # Where an engine's kernels for one quantization scheme run on fewer device kinds than the engine itself, and why

@@ -15,6 +15,7 @@ from runtime.engines.base import EngineSpec
 ENGINES: dict[str, str] = {
     "vllm": "runtime.engines.vllm",
     "transformers": "runtime.engines.transformers",
+    "deepspeed": "runtime.engines.deepspeed",
 }
 # The engine for a plain Hugging Face directory (no manifest names one) when the configuration names none.
 DEFAULT = "vllm"

@@ -84,6 +84,7 @@ class TransformersEngine:
         load.setdefault("attn_implementation", "sdpa")
         model = AutoModelForCausalLM.from_pretrained(str(s.model_dir), dtype=dtype, **load)
         model.to(s.device)  # type: ignore[arg-type]  # transformers types .to() oddly
+        model = self._prepare_model(model)
         self._tokenizer = AutoTokenizer.from_pretrained(str(s.model_dir))
         cfg = model.config.get_text_config()
         self._vocab = int(cfg.vocab_size)
@@ -103,6 +104,10 @@ class TransformersEngine:
         )
         self._manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
         self._manager.start()
+
+    def _prepare_model(self, model: Any) -> Any:
+        """The loaded model as the batching manager gets it: unchanged here; the deepspeed engine shards it."""
+        return model
 
     def _cache_size(self, cfg: Any, dtype: Any, extra: dict[str, Any]) -> dict[str, Any]:
         """KV cache blocks and the per-step token budget, unless the operator set them.
