@@ -203,11 +203,14 @@ class DeepSpeedEngine(TransformersEngine):
         log.info("starting tensor-parallel rank %d of %d", rank, self.world)
         return subprocess.Popen(cmd, env=env)  # its output goes to the server's log
 
+    def _build(self) -> None:
+        if self.world > 1:  # before loading: on a GPU, set_device makes the model's .to("cuda") land on this rank's GPU
+            self._join(import_deepspeed())
+        super()._build()
+
     def _prepare_model(self, model: Any) -> Any:
         """The transformers engine's hook: shard the loaded model before the batching manager takes it."""
         deepspeed = import_deepspeed()
-        if self.world > 1:
-            self._join(deepspeed)
         engine = deepspeed.init_inference(model, config=self._ds_config | {"dtype": model.dtype})
         module = engine.module
         if self.world > 1:
