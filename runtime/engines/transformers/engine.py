@@ -106,7 +106,7 @@ class TransformersEngine:
         self._manager.start()
 
     def _prepare_model(self, model: Any) -> Any:
-        """The loaded model as the batching manager gets it: unchanged here; the deepspeed engine shards it."""
+        """The loaded model as the batching manager gets it: unchanged here; an engine built on this one shards it."""
         return model
 
     def _cache_size(self, cfg: Any, dtype: Any, extra: dict[str, Any]) -> dict[str, Any]:
