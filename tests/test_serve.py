@@ -141,8 +141,10 @@ def test_chat_n_choices(client: openai.OpenAI, server: Live) -> None:
     assert sorted(c.index for c in r.choices) == [0, 1, 2]
     assert r.usage is not None
     assert r.usage.completion_tokens == 18  # three sequences of six tokens each
-    assert all(c.message.content for c in r.choices)
-    assert len({c.message.content for c in r.choices}) > 1  # sampled independently (random weights: 1024**6 paths)
+    # A choice's text may be empty: 128 of the random model's 740 tokens are a partial UTF-8 character, and six that
+    # never complete one leave nothing decodable to emit (held back, as vLLM's detokenizer holds it). CI met one.
+    assert all(isinstance(c.message.content, str) for c in r.choices)
+    assert len({c.message.content for c in r.choices}) > 1  # sampled independently (random weights: 740**6 paths)
 
 
 def test_completions_n_logprobs_and_seed(client: openai.OpenAI, server: Live) -> None:
