@@ -105,6 +105,7 @@ def configure(
     except TargetMismatchError as exc:
         problems.append(f"this artifact cannot run here: {exc}")
     if plan is not None:
+        problems += plan.spec.check(plan.settings)
         problems += lora_problems(resolved, plan)
         plan, spec_problems = with_speculation(plan, resolved)
         problems += spec_problems

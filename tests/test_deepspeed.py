@@ -16,6 +16,7 @@ import pytest
 from openai import OpenAI
 
 from runtime.engines.base import EngineError, EngineSettings
+from runtime.exitcodes import EX_CONFIG
 from tests.conftest import Server, build, run_cli, start_server, stop_cleanly
 
 PROMPTS = ["The grass is", "Once upon a time", "The capital of France is", "1, 2, 3,"]
@@ -177,3 +178,24 @@ def test_tp1_and_tp2_answer_as_the_transformers_engine_does(tmp_path: Path) -> N
     assert all(len(t) == 16 for t in answers["transformers"])
     assert answers["deepspeed-tp1"] == answers["transformers"]
     assert answers["deepspeed-tp2"] == answers["transformers"]
+
+
+@pytest.mark.unit
+def test_the_engines_check_lists_every_refusal_before_the_server_starts(tmp_path: Path) -> None:
+    from runtime.engines.deepspeed import SPEC
+
+    assert SPEC.check(settings(tmp_path, tp=2)) == []
+    problems = SPEC.check(settings(tmp_path, tp=3, heads=6, kv_heads=2, replace_with_kernel_inject=True))
+    assert len(problems) == 2
+    assert "replace_with_kernel_inject=True" in problems[0]
+    assert "one of [1, 2]" in problems[1]
+
+
+@pytest.mark.integration
+def test_serve_refuses_an_unservable_deepspeed_key_before_it_listens() -> None:
+    uri = build("model=tiny", "target.engine=deepspeed")
+    proc = run_cli("runtime", "serve", uri, "--port", "1", "--option", "replace_with_kernel_inject=true", timeout=120)
+    assert proc.returncode == EX_CONFIG, proc.stderr[-2000:]
+    assert "replace_with_kernel_inject=True" in proc.stderr
+    assert "listening on" not in proc.stderr
+    assert "Traceback" not in proc.stderr

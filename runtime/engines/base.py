@@ -286,6 +286,9 @@ class EngineSpec:
     # The keys a speculative configuration may hold for this engine (imports the library); None: only kiln's own
     # (method, num_speculative_tokens, model).
     speculative_keys: Callable[[], set[str]] | None = None
+    # What the engine refuses in these settings (a pass-through key it cannot serve, a TP degree its sharding cannot
+    # split the model by), each a line naming the key and the fix: checked before the server starts.
+    check: Callable[[EngineSettings], list[str]] = lambda s: []
 
     def cannot_run(self, quantization: str, device: str, cpu_flags: frozenset[str]) -> str | None:
         """Why this engine's kernels cannot run ``quantization`` on ``device`` here (None: they can)."""

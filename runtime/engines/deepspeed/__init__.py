@@ -55,6 +55,19 @@ def _defaults(s: EngineSettings) -> dict[str, EngineDefault]:
     return TRANSFORMERS.defaults(s)  # the same batching manager, the same batch and KV defaults
 
 
+def _check(s: EngineSettings) -> list[str]:
+    from runtime.engines.base import EngineError
+    from runtime.engines.deepspeed.engine import check_shardable, inference_config, split_extra
+
+    problems = []
+    for check in (lambda: inference_config(s, split_extra(s.extra)[0]), lambda: check_shardable(s)):
+        try:
+            check()
+        except EngineError as exc:
+            problems.append(str(exc))
+    return problems
+
+
 def _preload() -> None:
     import transformers.generation.continuous_batching  # noqa: F401
 
@@ -73,5 +86,6 @@ SPEC = EngineSpec(
     defaults=_defaults,
     lmi_names=LMI_NAMES,
     preload=_preload,
+    check=_check,
     tasks=("generate",),
 )
