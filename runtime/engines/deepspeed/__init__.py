@@ -12,6 +12,7 @@ Nothing here imports DeepSpeed at import time.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from runtime.engines.base import Engine, EngineDefault, EngineSettings, EngineSpec
@@ -40,13 +41,7 @@ def _native_args(s: EngineSettings) -> dict[str, Any]:
     from runtime.engines.transformers import SPEC as TRANSFORMERS
 
     ds_extra, rest = split_extra(s.extra)
-    return {"init_inference": inference_config(s, ds_extra)} | TRANSFORMERS.native_args(_with_extra(s, rest))
-
-
-def _with_extra(s: EngineSettings, extra: dict[str, Any]) -> EngineSettings:
-    from dataclasses import replace
-
-    return replace(s, extra=extra)
+    return {"init_inference": inference_config(s, ds_extra)} | TRANSFORMERS.native_args(replace(s, extra=rest))
 
 
 def _defaults(s: EngineSettings) -> dict[str, EngineDefault]:

@@ -67,12 +67,16 @@ def engine_kwargs(s: EngineSettings) -> dict[str, Any]:
     return kwargs
 
 
-def cpu_thread_binding(s: EngineSettings, host: Host) -> str | None:
+def cpu_thread_binding(s: EngineSettings, host: Host | None = None) -> str | None:
     """``VLLM_CPU_OMP_THREADS_BIND`` for tensor parallelism on a CPU with fewer NUMA nodes than ranks: the cores split
     evenly, one set per rank ("0|1" on two cores). vLLM's own automatic binding gives each rank a NUMA node (the
-    faster layout) and refuses to start with more ranks than nodes; None leaves it to that."""
+    faster layout) and refuses to start with more ranks than nodes; None leaves it to that. The host is detected
+    only for CPU tensor parallelism (``detect`` asks nvidia-smi, which every other start need not wait for)."""
     tp = s.tensor_parallel_degree
-    if s.device != "cpu" or tp <= 1 or tp <= host.numa_nodes or len(host.cpu_cores) < tp:
+    if s.device != "cpu" or tp <= 1:
+        return None
+    host = host or detect()
+    if tp <= host.numa_nodes or len(host.cpu_cores) < tp:
         return None
     per = len(host.cpu_cores) // tp
     sets = [host.cpu_cores[i * per : (i + 1) * per] for i in range(tp)]
@@ -186,7 +190,7 @@ class VllmEngine:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose or to_file else "WARNING")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         os.environ.setdefault("DO_NOT_TRACK", "1")
-        if (bind := cpu_thread_binding(self.settings, detect())) is not None:
+        if (bind := cpu_thread_binding(self.settings)) is not None:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)  # an operator's own binding wins
         if self.settings.compile_cache is not None:
             compile_cache.point_engine_at(self.settings.compile_cache)
