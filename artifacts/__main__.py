@@ -1,4 +1,4 @@
-"""``python -m artifacts ls | show | verify | pull | push | copy`` — inspect and move artifacts between stores."""
+"""``python -m artifacts ls | show | verify | pull | push | copy | keygen | sign``: inspect, move, sign artifacts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from artifacts import ops
+from artifacts import ops, signing
 from artifacts.errors import ArtifactError
 from artifacts.logs import setup_logging
 from artifacts.paths import default_store_uri
@@ -35,16 +35,34 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    trusted = {k.id: k for k in map(signing.load_public, args.trusted_key)}
     path = Path(args.uri)
     if path.is_dir():
         manifest = ops.read_dir_manifest(path)
         extra = ops.verify_dir(path, manifest)
+        signer = trusted and signing.check(signing.read_dir(path), manifest.digest, trusted, str(path))
         print(f"ok: {path} matches {manifest.name}@{manifest.digest} ({len(manifest.files)} files)")
         for rel in extra:
             print(f"note: {rel} is not listed in the manifest", file=sys.stderr)
-        return 0
-    ref, manifest = ops.verify_ref(_ref(args.uri))
-    print(f"ok: {ref} ({len(manifest.files)} files, {manifest.total_size} bytes)")
+    else:
+        ref, manifest = ops.verify_ref(_ref(args.uri))
+        signer = trusted and signing.check(ops.signatures(ref), manifest.digest, trusted, str(ref))
+        print(f"ok: {ref} ({len(manifest.files)} files, {manifest.total_size} bytes)")
+    if signer:
+        print(f"ok: signed by {signer}")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    key_id, public = signing.generate(Path(args.path))
+    print(f"wrote {args.path} (private: keep it secret) and {public} (public: give it to servers as trusted_keys)")
+    print(f"key id: {key_id}")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    ref, key_id = ops.sign(_ref(args.uri), Path(args.key))
+    print(f"signed {ref} with {key_id}")
     return 0
 
 
@@ -78,7 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_show)
     p = sub.add_parser("verify", help="check every file of an artifact (URI or pulled directory)")
     p.add_argument("uri")
+    p.add_argument(
+        "--trusted-key", action="append", default=[], help="also require a signature by this public key (repeatable)"
+    )
     p.set_defaults(fn=cmd_verify)
+    p = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts: PATH and PATH.pub")
+    p.add_argument("path", help="where the private key goes (the public key is written beside it as PATH.pub)")
+    p.set_defaults(fn=cmd_keygen)
+    p = sub.add_parser("sign", help="sign a stored artifact's manifest with a private key")
+    p.add_argument("uri", help="artifact URI (name:tag, name@sha256:…, file://…, s3://…)")
+    p.add_argument("--key", required=True, help="the private key (from `python -m artifacts keygen`)")
+    p.set_defaults(fn=cmd_sign)
     p = sub.add_parser("pull", help="materialize an artifact into a new directory")
     p.add_argument("uri")
     p.add_argument("dir")

@@ -12,7 +12,7 @@ from typing import Any
 from artifacts.digest import file_chunks, hex_of, sha256_bytes, sha256_file, verify_stream
 from artifacts.errors import NotFoundError, StoreError, VerificationError
 from artifacts.names import check_digest, check_name, check_tag
-from artifacts.store import ArtifactInfo, ProgressFn
+from artifacts.store import ArtifactInfo, ProgressFn, signature_leaf
 from artifacts.uri import normalize_store_uri
 
 
@@ -102,6 +102,15 @@ class LocalStore:
     def put_record(self, name: str, digest: str, record: Mapping[str, Any]) -> None:
         data = json.dumps(dict(record), indent=2, sort_keys=True).encode()
         self._write_bytes(self._name_dir(name) / "records" / f"{hex_of(check_digest(digest))}.json", data)
+
+    def put_signature(self, name: str, digest: str, doc: bytes) -> None:
+        self._write_bytes(self._signature_dir(name, digest) / signature_leaf(doc), doc)
+
+    def get_signatures(self, name: str, digest: str) -> list[bytes]:
+        return [p.read_bytes() for p in sorted(self._signature_dir(name, digest).glob("*.json"))]
+
+    def _signature_dir(self, name: str, digest: str) -> Path:
+        return self._name_dir(name) / "signatures" / hex_of(check_digest(digest))
 
     def list_artifacts(self) -> list[ArtifactInfo]:
         names_dir = self.root / "names"

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from artifacts import signing
 from artifacts.digest import sha256_file
 from artifacts.errors import ArtifactError, ManifestError, VerificationError
 from artifacts.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
@@ -41,7 +42,7 @@ def link_tree(src: Path, dest: Path) -> None:
 
 
 def scan_dir(directory: Path) -> list[FileEntry]:
-    """Hash every regular file under ``directory`` (except the manifest) into manifest entries.
+    """Hash every regular file under ``directory`` (except the manifest and its signatures) into manifest entries.
 
     Symlinks are refused: an artifact is plain files, so what is verified is what is served.
     """
@@ -50,7 +51,7 @@ def scan_dir(directory: Path) -> list[FileEntry]:
         rel = path.relative_to(directory).as_posix()
         if path.is_symlink():
             raise ManifestError(f"{path} is a symlink; artifacts hold regular files only")
-        if path.is_file() and rel != MANIFEST_NAME:
+        if path.is_file() and rel not in (MANIFEST_NAME, signing.SIGNATURES_NAME):
             paths.append((rel, path))
     with ThreadPoolExecutor(JOBS) as pool:
         digests = list(pool.map(lambda item: sha256_file(item[1]), paths))
@@ -74,7 +75,7 @@ def verify_dir(directory: Path, manifest: Manifest) -> list[str]:
     caller can warn: users add ``serving.properties`` beside an artifact on purpose.
     """
     verify_files(directory, manifest.files)
-    listed = {e.path for e in manifest.files} | {MANIFEST_NAME}
+    listed = {e.path for e in manifest.files} | {MANIFEST_NAME, signing.SIGNATURES_NAME}
     return sorted(
         p.relative_to(directory).as_posix()
         for p in directory.rglob("*")
@@ -147,9 +148,12 @@ def publish(
     store_uri: str,
     tags: Iterable[str] = (),
     record: Mapping[str, Any] | None = None,
+    signing_key: Path | None = None,
 ) -> ArtifactRef:
-    """Upload what the store lacks, then the manifest, then the tags. Safe to re-run after a failure."""
+    """Upload what the store lacks, then the manifest, its signature (with ``signing_key``), then the tags. Safe to
+    re-run after a failure."""
     tags = [check_tag(t) for t in tags]  # before any upload: a bad tag must not leave a half-published artifact
+    signer = signing.load_private(signing_key) if signing_key is not None else None  # a bad key fails before uploads
     store = open_store(store_uri)
     with ThreadPoolExecutor(JOBS) as pool:
         missing = _missing_blobs(store, manifest, pool)
@@ -158,9 +162,25 @@ def publish(
         start = time.monotonic()
         with byte_progress(total, f"publish {manifest.name}", log) as advance:
             list(pool.map(lambda e: store.put_blob(e.sha256, directory / e.path, e.size, advance), missing))
-    ref = _finish(store, manifest, tags, record)
+    ref = _finish(store, manifest, tags, record, [signing.sign(manifest.digest, signer)] if signer else [])
     _log_rate("published", ref, total, start)
     return ref
+
+
+def sign(ref: ArtifactRef, signing_key: Path) -> tuple[ArtifactRef, str]:
+    """Sign a stored artifact's manifest (verified as it is read) with ``signing_key``; returns the ref and key id."""
+    private = signing.load_private(signing_key)
+    store = open_store(ref.store)
+    ref, manifest = load_manifest(ref, store)
+    doc = signing.sign(manifest.digest, private)
+    store.put_signature(manifest.name, manifest.digest, doc)
+    return ref, signing.doc_key(doc)
+
+
+def signatures(ref: ArtifactRef, store: Store | None = None) -> list[bytes]:
+    """The signature documents stored for a resolved ref (``ref.digest`` set)."""
+    assert ref.digest is not None
+    return (store or open_store(ref.store)).get_signatures(ref.name, ref.digest)
 
 
 def pull(ref: ArtifactRef, dest: Path) -> Manifest:
@@ -179,6 +199,8 @@ def pull(ref: ArtifactRef, dest: Path) -> Manifest:
         ):
             list(pool.map(lambda e: _fetch(store, e, tmp, advance), manifest.files))
         (tmp / MANIFEST_NAME).write_bytes(manifest.to_bytes())
+        if docs := store.get_signatures(manifest.name, manifest.digest):  # the directory carries them
+            (tmp / signing.SIGNATURES_NAME).write_bytes(signing.to_dir_bytes(docs))
         try:
             os.rename(tmp, dest)
         except OSError as exc:  # a concurrent pull of the same artifact renamed its copy there first
@@ -224,7 +246,7 @@ def copy(ref: ArtifactRef, dest_store_uri: str, tags: Iterable[str] = ()) -> Art
         total = sum(e.size for e in missing)
         with byte_progress(total, f"copy {manifest.name}", log) as advance:
             list(pool.map(lambda e: _stream(src, dest, e, advance), missing))
-    out = _finish(dest, manifest, tags, None)
+    out = _finish(dest, manifest, tags, None, src.get_signatures(manifest.name, manifest.digest))
     _log_rate("copied", out, total, start)
     return out
 
@@ -239,11 +261,20 @@ def _missing_blobs(store: Store, manifest: Manifest, pool: ThreadPoolExecutor) -
     return [e for e, has in zip(blobs, present, strict=True) if not has]
 
 
-def _finish(store: Store, manifest: Manifest, tags: Iterable[str], record: Mapping[str, Any] | None) -> ArtifactRef:
-    """Write the manifest once every blob is in, then the record, then the tags (the only mutable names)."""
+def _finish(
+    store: Store,
+    manifest: Manifest,
+    tags: Iterable[str],
+    record: Mapping[str, Any] | None,
+    signature_docs: Iterable[bytes] = (),
+) -> ArtifactRef:
+    """Write the manifest once every blob is in, then the record and signatures, then the tags (the only mutable
+    names: a tag never points at an artifact whose signature is still to come)."""
     digest = store.put_manifest(manifest.name, manifest.to_bytes())
     if record:
         store.put_record(manifest.name, digest, record)
+    for doc in signature_docs:
+        store.put_signature(manifest.name, digest, doc)
     for tag in tags:
         store.set_tag(manifest.name, tag, digest)
     return ArtifactRef(store=store.uri, name=manifest.name, digest=digest)

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 from artifacts.digest import file_chunks, hex_of, is_digest, sha256_bytes, verify_stream
 from artifacts.errors import ArtifactError, NotFoundError, StoreError, UriError, VerificationError
 from artifacts.names import check_digest, check_name, check_tag
-from artifacts.store import ArtifactInfo, ProgressFn
+from artifacts.store import ArtifactInfo, ProgressFn, signature_leaf
 from artifacts.uri import normalize_store_uri
 
 log = logging.getLogger("kiln.artifacts.s3")
@@ -54,6 +54,7 @@ RANGE_SIZE = 32 * MiB
 CONCURRENCY = 8  # parallel requests per store (download ranges, upload parts)
 BUFFER_CHUNKS = 8  # ranges held in memory per store while waiting to be hashed in order: at most 256 MiB
 SMALL_OBJECT_LIMIT = 64 * MiB  # manifests, tags, records: refuse to read anything larger into memory
+SIGNATURE_LIMIT = 4096  # a signature document is about 250 bytes
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 # Error codes S3 (and STS-backed credentials) answer with, grouped by what the user has to do.
@@ -580,6 +581,16 @@ class S3Store:
     def put_record(self, name: str, digest: str, record: Mapping[str, Any]) -> None:
         data = json.dumps(dict(record), indent=2, sort_keys=True).encode()
         self.s3.put_bytes(self._name_key(name, f"records/{hex_of(check_digest(digest))}.json"), data)
+
+    def put_signature(self, name: str, digest: str, doc: bytes) -> None:
+        self.s3.put_bytes(self._signature_prefix(name, digest) + signature_leaf(doc), doc)
+
+    def get_signatures(self, name: str, digest: str) -> list[bytes]:
+        keys = sorted(o["Key"] for o in self.s3.list(self._signature_prefix(name, digest)))
+        return [self.s3.get_bytes(k, limit=SIGNATURE_LIMIT) for k in keys if k.endswith(".json")]
+
+    def _signature_prefix(self, name: str, digest: str) -> str:
+        return self._name_key(name, f"signatures/{hex_of(check_digest(digest))}/")
 
     def list_artifacts(self) -> list[ArtifactInfo]:
         root = self.loc.key("names/")

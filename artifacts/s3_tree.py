@@ -18,6 +18,7 @@ import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from artifacts import signing
 from artifacts.digest import hex_of
 from artifacts.manifest import MANIFEST_NAME, Manifest
 from artifacts.s3 import S3Store
@@ -49,7 +50,13 @@ def stage_tree(store: S3Store, manifest: Manifest, *, dry_run: bool = False) -> 
     prefix = tree_prefix(store, manifest)
     uri = tree_uri(store, manifest)
     done = store.s3.exists(f"{prefix}/{MANIFEST_NAME}")
-    if dry_run or done:
+    if dry_run:
+        return StagedTree(uri, 0, manifest.total_size)
+    # The tree carries the artifact's signatures (for a runtime with trusted_keys), refreshed on every staging: a
+    # signature added after the first staging reaches the tree too.
+    if docs := store.get_signatures(manifest.name, manifest.digest):
+        store.s3.put_bytes(f"{prefix}/{signing.SIGNATURES_NAME}", signing.to_dir_bytes(docs))
+    if done:
         return StagedTree(uri, 0, manifest.total_size)
     client = store.s3.client
     for entry in manifest.files:
@@ -89,6 +96,9 @@ def _pack(store: S3Store, manifest: Manifest) -> bytes:
             _add(tar, entry.path, store.read_blob(entry.sha256, entry.size), entry.size)
         data = manifest.to_bytes()
         _add(tar, MANIFEST_NAME, [data], len(data))
+        if docs := store.get_signatures(manifest.name, manifest.digest):
+            sigs = signing.to_dir_bytes(docs)
+            _add(tar, signing.SIGNATURES_NAME, [sigs], len(sigs))
     return buf.getvalue()
 
 

@@ -7,9 +7,10 @@ names that point at manifests, and tags that point at digests. The same key layo
     names/<name>/manifests/<hex>          marker: artifact <name> has manifest sha256:<hex>
     names/<name>/tags/<tag>               text "sha256:<hex>"
     names/<name>/records/<hex>.json       build record (time, host, ...): volatile, outside the digest
+    names/<name>/signatures/<hex>/<key>.json   a signature of manifest sha256:<hex> (artifacts/signing.py)
 
-Publishing writes blobs first, then the manifest and its marker, then tags, so a reader never sees a name or
-tag that points at missing content.
+Publishing writes blobs first, then the manifest and its marker, then its signature, then tags, so a reader never
+sees a name or tag that points at missing content (or, with a signing key, at a manifest not yet signed).
 """
 
 from __future__ import annotations
@@ -76,6 +77,21 @@ class Store(Protocol):
     def put_record(self, name: str, digest: str, record: Mapping[str, Any]) -> None: ...
 
     def list_artifacts(self) -> list[ArtifactInfo]: ...
+
+    def put_signature(self, name: str, digest: str, doc: bytes) -> None:
+        """Store a signature document of manifest ``digest`` (one per signing key: a new one replaces it)."""
+        ...
+
+    def get_signatures(self, name: str, digest: str) -> list[bytes]:
+        """Every signature document stored for manifest ``digest`` (none: an empty list)."""
+        ...
+
+
+def signature_leaf(doc: bytes) -> str:
+    """The file name a signature document is stored under: its key id, ``ed25519-<hex>.json``."""
+    from artifacts.signing import doc_key
+
+    return doc_key(doc).replace(":", "-") + ".json"
 
 
 def _local(uri: str) -> Store:

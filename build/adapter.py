@@ -42,7 +42,7 @@ def package_adapter(
         provenance={"kiln_version": kiln_version, "source": provenance},
         adapter=info.to_dict() | {"base": {"name": base_manifest.name, "digest": base_manifest.digest}},
     )
-    ref = ops.publish(directory, manifest, store, tags=cfg.publish.tags)
+    ref = ops.publish(directory, manifest, store, tags=cfg.publish.tags, signing_key=cfg.publish.key_path())
     return ref, manifest
 
 

@@ -75,6 +75,12 @@ class PublishConfig:
     store: str = "local"
     uri: str | None = None  # None: $KILN_STORE or the per-user local store
     tags: list[str] = field(default_factory=lambda: ["latest"])
+    # An Ed25519 private key (PEM; `python -m artifacts keygen PATH`): the published manifest is signed with it, so a
+    # runtime with trusted_keys serves it. None: unsigned.
+    signing_key: str | None = None
+
+    def key_path(self) -> Path | None:
+        return Path(self.signing_key).expanduser() if self.signing_key else None
 
 
 @dataclass
@@ -239,6 +245,7 @@ def _problems(cfg: BuildConfig) -> list[tuple[str, str]]:
         out.append(("serving.max_num_seqs", "must be >= 1"))
     if cfg.summary is not None and not Path(cfg.summary).parent.is_dir():  # fail before the build, not after it
         out.append(("summary", f"{cfg.summary}: directory {Path(cfg.summary).parent} does not exist; create it"))
+    out.extend(_signing_problems(cfg.publish))
     if cfg.publish.store != "local" and not cfg.publish.uri:  # only the local store has a default location
         out.append(
             ("publish.uri", f"is required with publish={cfg.publish.store} (e.g. publish.uri=s3://bucket/prefix)")
@@ -247,6 +254,20 @@ def _problems(cfg: BuildConfig) -> list[tuple[str, str]]:
     out.extend(_adapter_problems(cfg.adapter))
     out.extend(_speculative_problems(cfg))
     return out
+
+
+def _signing_problems(publish: PublishConfig) -> list[tuple[str, str]]:
+    """A signing key that cannot sign fails the build before any stage runs, not at publish time."""
+    from artifacts.signing import SigningError, load_private
+
+    key = publish.key_path()
+    if key is None:
+        return []
+    try:
+        load_private(key)
+    except SigningError as exc:
+        return [("publish.signing_key", str(exc))]
+    return []
 
 
 def _speculative_problems(cfg: BuildConfig) -> list[tuple[str, str]]:

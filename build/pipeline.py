@@ -93,7 +93,9 @@ def run_build(cfg: BuildConfig) -> BuildResult:
         final = _with_draft(cfg, convert_params, final, cache, stages)
     manifest = assemble_manifest(cfg, source, final, stages)
     record = _build_record(source, stages, time.monotonic() - start) | record_extra
-    ref = ops.publish(final.path, manifest, store_uri, tags=cfg.publish.tags, record=record)
+    ref = ops.publish(
+        final.path, manifest, store_uri, tags=cfg.publish.tags, record=record, signing_key=cfg.publish.key_path()
+    )
     if cfg.adapter.source is not None:
         from build.adapter import package_adapter
 

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from artifacts.errors import ArtifactError
 from runtime import engines, process
@@ -40,6 +40,9 @@ from runtime.service import GenerationDefaults, ModelService, ServiceOptions
 from runtime.settings import Plan, derive
 
 log = logging.getLogger("kiln.runtime")
+
+if TYPE_CHECKING:
+    from artifacts.signing import TrustedKey
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ def configure(
     except PartialConfigError as exc:
         problems += exc.problems
         resolved = exc.partial
+    problems += signature_problems(model, resolved.config.trusted_keys)
     template = _checked(chat_template, resolved, problems)
     plan: Plan | None = None
     try:
@@ -113,6 +117,42 @@ def configure(
         raise ConfigError(problems)
     assert plan is not None
     return Startup(model, location, resolved, plan, template)
+
+
+def signature_problems(model: ResolvedModel, trusted_keys: list[str]) -> list[str]:
+    """With ``trusted_keys``, the model must be an artifact one of them signed (checked before any weight loads)."""
+    from artifacts import signing
+
+    if not trusted_keys:
+        return []
+    try:
+        trusted = {k.id: k for k in (signing.load_public(Path(p).expanduser()) for p in trusted_keys)}
+    except signing.SigningError as exc:
+        return [f"trusted_keys: {exc}"]
+    if model.manifest is None:
+        return [
+            f"trusted_keys is set, and {model.source} is a {model.kind} with no kiln manifest to sign: build it into "
+            "an artifact signed with publish.signing_key"
+        ]
+    try:
+        signer = _trusted_signer(model, trusted)
+    except ArtifactError as exc:
+        return [str(exc)]
+    log.info("artifact %s@%s is signed by trusted key %s", model.manifest.name, model.manifest.digest, signer)
+    return []
+
+
+def _trusted_signer(model: ResolvedModel, trusted: Mapping[str, TrustedKey]) -> str:
+    from artifacts import signing
+
+    assert model.manifest is not None
+    try:
+        return signing.check(signing.read_dir(model.path), model.manifest.digest, trusted, model.source)
+    except signing.SignatureError:
+        if model.ref is None:
+            raise
+    model.refresh_signatures()  # the store may hold a signature made after this copy was pulled
+    return signing.check(signing.read_dir(model.path), model.manifest.digest, trusted, model.source)
 
 
 def with_speculation(plan: Plan, resolved: Resolved) -> tuple[Plan, list[str]]:

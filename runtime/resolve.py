@@ -11,17 +11,18 @@ start and re-fetched if damaged, never served.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from artifacts import ops
+from artifacts import ops, signing
 from artifacts.digest import hex_of, sha256_bytes
 from artifacts.errors import ArtifactError, NotFoundError, UriError, VerificationError
 from artifacts.manifest import MANIFEST_NAME, Manifest
 from artifacts.paths import default_store_uri, pull_cache_root
-from artifacts.uri import parse_ref
+from artifacts.uri import ArtifactRef, parse_ref
 from runtime.config.location import is_hub_id
 from runtime.s3_checkpoint import KIND as S3_CHECKPOINT
 from runtime.s3_checkpoint import WeightFetch, nothing_there, open_checkpoint
@@ -37,6 +38,13 @@ class ResolvedModel:
     source: str  # what the operator passed, for logs
     kind: str = "kiln artifact"  # what the location held (shown by ``python -m runtime config``)
     weights: WeightFetch | None = None  # weights still to fetch (a plain S3 checkpoint): start, then wait
+    ref: ArtifactRef | None = None  # the store artifact it was pulled from (None: a directory, hub or S3 checkpoint)
+
+    def refresh_signatures(self) -> None:
+        """Bring the pulled copy's signatures up to the store's (one added after the pull; the digest-cached path
+        does not ask the store). Raises ArtifactError when the store cannot be read."""
+        if self.ref is not None:
+            _sync_signatures(self.path, self.ref)
 
 
 # Files a hub download fetches: the checkpoint (safetensors only), its config, tokenizer and templates.
@@ -62,7 +70,7 @@ def resolve(target: str, revision: str | None = None, allow_pickle: bool = False
         )
     ref = parse_ref(target, default_store_uri())
     if ref.digest and (cached := _cached(pull_cache_root() / hex_of(ref.digest), ref.digest, target)):
-        return cached  # a digest names immutable content: an intact cache entry needs no store at all
+        return replace(cached, ref=ref)  # a digest names immutable content: an intact cache entry needs no store
     ref, manifest = ops.load_manifest(ref)
     assert ref.digest is not None
     entry = pull_cache_root() / hex_of(ref.digest)
@@ -70,7 +78,8 @@ def resolve(target: str, revision: str | None = None, allow_pickle: bool = False
         try:
             _verify(entry, manifest)
             log.info("using cached %s from %s", ref, entry)
-            return ResolvedModel(entry, manifest.name, manifest, target)
+            _sync_signatures(entry, ref)
+            return ResolvedModel(entry, manifest.name, manifest, target, ref=ref)
         except VerificationError as exc:
             log.warning("pull cache entry %s is damaged (%s); fetching it again", entry, exc)
             _discard(entry)
@@ -80,7 +89,18 @@ def resolve(target: str, revision: str | None = None, allow_pickle: bool = False
         if not entry.is_dir():  # not a concurrent pull of the same artifact that won the rename
             raise
     _verify(entry, manifest)
-    return ResolvedModel(entry, manifest.name, manifest, target)
+    return ResolvedModel(entry, manifest.name, manifest, target, ref=ref)
+
+
+def _sync_signatures(entry: Path, ref: ArtifactRef) -> None:
+    """Bring the cache entry's ``signatures.json`` up to the store's (a signature added after the pull)."""
+    docs = ops.signatures(ref)
+    if not docs or sorted(docs) == sorted(signing.read_dir(entry)):
+        return
+    fd, tmp = tempfile.mkstemp(dir=entry, prefix=".signatures-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(signing.to_dir_bytes(docs))
+    os.replace(tmp, entry / signing.SIGNATURES_NAME)
 
 
 def names_an_artifact(uri: str) -> bool:

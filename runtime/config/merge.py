@@ -22,7 +22,16 @@ from typing import Any
 from artifacts.manifest import Target
 from runtime import engines
 from runtime.config.aliases import ALIASES, DTYPE_NAMES, IGNORED, TASK_NAMES
-from runtime.config.schema import CONTAINER_HOST, FIELDS, ConfigError, Entry, Origin, Resolved
+from runtime.config.schema import (
+    CONTAINER_HOST,
+    FIELDS,
+    OPERATOR_ONLY,
+    PROPERTIES,
+    ConfigError,
+    Entry,
+    Origin,
+    Resolved,
+)
 from runtime.config.sources import Sources
 from runtime.config.validate import check_native, check_target, validate, validate_valid
 
@@ -87,6 +96,12 @@ def _merge_layer(layer: list[Entry], problems: list[str], ignored: list[tuple[Or
             continue
         entry = _normalize(raw, problems, ignored)
         if entry is None:
+            continue
+        if entry.key in OPERATOR_ONLY and entry.origin.source in ("artifact", PROPERTIES):
+            problems.append(
+                f"{entry.origin}: {entry.key} cannot come from the model's own files (whoever can change the model "
+                "could choose who may sign it); set it in the environment (OPTION_TRUSTED_KEYS) or on the command line"
+            )
             continue
         prev = out.get(entry.key)
         if prev is None or entry.rank > prev.rank:

@@ -32,6 +32,9 @@ class ConfigError(KilnError):
 
 
 SECRET_FIELDS = frozenset({"api_key"})  # shown as "***" wherever settings are printed (`runtime config`, logs)
+# Settings only the operator may give (environment, command line): the model's own files (its manifest's serving
+# block, a serving.properties beside it) must not choose whose signature the server trusts.
+OPERATOR_ONLY = frozenset({"trusted_keys"})
 
 
 class ServeConfig(BaseModel):
@@ -132,6 +135,11 @@ class ServeConfig(BaseModel):
     draft_model_tp_size: int | None = Field(
         None, ge=1, description="LMI's draft tensor-parallel degree (vLLM: draft_tensor_parallel_size)"
     )
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        description="serve only artifacts signed by one of these Ed25519 public keys (PEM files, comma-separated; "
+        "`python -m artifacts keygen` makes them, publish.signing_key signs); environment or command line only",
+    )
     engine_args: dict[str, Any] = Field(default_factory=dict, description="engine-native keys passed through")
 
     @field_validator("speculative_config", mode="before")
@@ -162,7 +170,7 @@ class ServeConfig(BaseModel):
             raise ValueError(f"expected name=src pairs separated by commas, got {bad[0]!r}")
         return {name.strip(): src.strip() for name, _, src in pairs}
 
-    @field_validator("adapter_roots", mode="before")
+    @field_validator("adapter_roots", "trusted_keys", mode="before")
     @classmethod
     def _roots(cls, value: Any) -> Any:
         return [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
