@@ -8,6 +8,8 @@ a traceback. The base lives here because ``artifacts/`` is the one package every
 
 from __future__ import annotations
 
+import errno
+
 
 class KilnError(Exception):
     """Root of every error kiln raises on purpose. ``key`` names the setting at fault, ``fix`` what to do."""
@@ -50,3 +52,22 @@ class VerificationError(ArtifactError):
 
 class StoreError(ArtifactError):
     """The store itself failed: permissions, I/O, network."""
+
+
+class DiskFullError(StoreError):
+    """The disk filled up while kiln wrote to it (nothing partial is kept); the message names where and the fix."""
+
+
+def is_out_of_space(exc: BaseException | str) -> bool:
+    """ENOSPC anywhere in ``exc``'s chain, or in its text (safetensors and remote stage tracebacks carry the OS error
+    only as text: "No space left on device (os error 28)")."""
+    if isinstance(exc, str):
+        return "No space left on device" in exc or "os error 28" in exc
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if getattr(current, "errno", None) == errno.ENOSPC or is_out_of_space(str(current)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.digest import file_chunks, hex_of, sha256_bytes, sha256_file, verify_stream
-from artifacts.errors import NotFoundError, StoreError, VerificationError
+from artifacts.errors import DiskFullError, NotFoundError, StoreError, VerificationError, is_out_of_space
 from artifacts.names import check_digest, check_name, check_tag
 from artifacts.store import ArtifactInfo, ProgressFn, signature_leaf
 from artifacts.uri import normalize_store_uri
@@ -136,9 +136,15 @@ class LocalStore:
 
     def _write_bytes(self, dest: Path, data: bytes) -> None:
         fd, tmp = self._tmp_file(dest)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, dest)
+        except BaseException as exc:
+            Path(tmp).unlink(missing_ok=True)
+            if is_out_of_space(exc):
+                raise DiskFullError(f"no space left on the disk of store {self.uri}: free space there") from None
+            raise
 
 
 def write_verified(src: Path, dest: Path, digest: str, size: int, progress: ProgressFn | None, name: str) -> None:
@@ -162,6 +168,8 @@ def write_chunks(
                 if progress:
                     progress(len(chunk))
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if is_out_of_space(exc):
+            raise DiskFullError(f"no space left on device writing {size} bytes of {name} into {dest.parent}") from None
         raise

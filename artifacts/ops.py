@@ -15,7 +15,7 @@ from typing import Any
 
 from artifacts import signing
 from artifacts.digest import sha256_file
-from artifacts.errors import ArtifactError, ManifestError, VerificationError
+from artifacts.errors import ArtifactError, DiskFullError, ManifestError, VerificationError, is_out_of_space
 from artifacts.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
 from artifacts.names import check_tag
 from artifacts.progress import byte_progress
@@ -190,6 +190,7 @@ def pull(ref: ArtifactRef, dest: Path) -> Manifest:
     if dest.exists():
         raise VerificationError(f"{dest} already exists; pull into a new directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _check_space(dest.parent, manifest)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".pull-{manifest.name}-"))
     start = time.monotonic()
     try:
@@ -207,11 +208,29 @@ def pull(ref: ArtifactRef, dest: Path) -> Manifest:
             if dest.is_dir() and exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise VerificationError(f"{dest} already exists; another pull of it finished first") from None
             raise
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_out_of_space(exc):  # another writer took the space after the check: nothing partial is kept
+            why = _space_message(dest.parent, manifest)
+            raise DiskFullError(f"{why} (the disk filled up during the pull)") from None
         raise
     _log_rate("pulled", ref, manifest.total_size, start)
     return manifest
+
+
+def _check_space(where: Path, manifest: Manifest) -> None:
+    """Refuse a pull that cannot fit before downloading any of it."""
+    if shutil.disk_usage(where).free < manifest.total_size:
+        raise DiskFullError(_space_message(where, manifest))
+
+
+def _space_message(where: Path, manifest: Manifest) -> str:
+    free = shutil.disk_usage(where).free
+    return (
+        f"not enough space to pull {manifest.name}@{manifest.digest} ({manifest.total_size / 1e6:.1f} MB) into "
+        f"{where}: {free / 1e6:.1f} MB free; free space there, or pull to a larger disk (serve pulls into "
+        "$KILN_CACHE/pulled)"
+    )
 
 
 def _fetch(store: Store, entry: FileEntry, root: Path, advance: Callable[[int], None]) -> None:

@@ -37,7 +37,15 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from artifacts.digest import file_chunks, hex_of, is_digest, sha256_bytes, verify_stream
-from artifacts.errors import ArtifactError, NotFoundError, StoreError, UriError, VerificationError
+from artifacts.errors import (
+    ArtifactError,
+    DiskFullError,
+    NotFoundError,
+    StoreError,
+    UriError,
+    VerificationError,
+    is_out_of_space,
+)
 from artifacts.names import check_digest, check_name, check_tag
 from artifacts.store import ArtifactInfo, ProgressFn, signature_leaf
 from artifacts.uri import normalize_store_uri
@@ -536,8 +544,11 @@ class S3Store:
                     if progress:
                         progress(len(chunk))
             os.replace(tmp, dest)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if is_out_of_space(exc):
+                why = f"no space left on device writing {size} bytes of {digest} into {dest.parent}"
+                raise DiskFullError(why) from None
             raise
 
     def check_blob(self, digest: str, size: int) -> None:

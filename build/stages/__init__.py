@@ -7,17 +7,20 @@ in the cache, and otherwise runs it in-process or in the toolchain's interpreter
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from artifacts.errors import is_out_of_space
 from build import toolchains
 from build.cache import StageCache, StageRecord, code_digest
 from build.errors import BuildError, as_build_error
@@ -67,7 +70,7 @@ def run_stage(
         return replace(hit, seconds=round(time.monotonic() - began, 3))
     interp = toolchains.resolve(tc)
     log.info("%s: running in toolchain %s (%s)", spec.name, tc.name, interp.origin)
-    with cache.staging(spec.name) as out:
+    with cache.staging(spec.name) as out, _disk_full_named(spec.name, cache.root):
         start = time.monotonic()
         result, packages = _execute(spec, interp, tc, params, inputs, out)
         record = cache.commit(
@@ -80,6 +83,26 @@ def run_stage(
             overwrite=force,
         )
     return replace(record, seconds=round(time.monotonic() - began, 3))
+
+
+@contextlib.contextmanager
+def _disk_full_named(stage: str, root: Path) -> Iterator[None]:
+    """A stage that fills the disk fails as a build error naming the cache's disk and the fix, not as a crash; its
+    staging directory is removed on the way out, so no half-written entry stays."""
+    try:
+        yield
+    except BuildError:
+        raise
+    except Exception as exc:
+        text = exc.remote_traceback if isinstance(exc, StageCrashError) else exc
+        if not is_out_of_space(text):
+            raise
+        free = shutil.disk_usage(root).free / 1e6
+        raise BuildError(
+            stage,
+            f"no space left on device writing the stage's output under {root} ({free:.1f} MB free)",
+            fix="free space on that disk, or point KILN_CACHE at a larger one (the stage cache is $KILN_CACHE/stages)",
+        ) from None
 
 
 def _execute(
