@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +33,7 @@ from runtime.config import (
     redirect,
     resolve_config,
 )
-from runtime.engines.base import Engine, model_config_int
+from runtime.engines.base import Engine, EngineSpec, model_config_int
 from runtime.host import Host, TargetMismatchError, detect
 from runtime.metrics import Metrics
 from runtime.resolve import ResolvedModel, resolve
@@ -42,6 +44,7 @@ from runtime.settings import Plan, derive
 log = logging.getLogger("kiln.runtime")
 
 if TYPE_CHECKING:
+    from artifacts.manifest import Manifest
     from artifacts.signing import TrustedKey
 
 
@@ -79,7 +82,15 @@ def configure(
     location = redirect(location, props)
     env_entries, hints = read_env(env)
     allow_pickle = _early_flag("allow_pickle", [*props, *env_entries, *cli_entries(cli, options)])
-    model = resolve(location.target, revision=env.get("HF_MODEL_REVISION") or None, allow_pickle=allow_pickle)
+    importing = EngineImport() if prepare else None
+    model = resolve(
+        location.target,
+        revision=env.get("HF_MODEL_REVISION") or None,
+        allow_pickle=allow_pickle,
+        on_manifest=importing.start if importing else None,
+    )
+    if importing:
+        importing.join()  # before anything else here may import the engine library (two threads importing vLLM race)
     if prepare and model.weights is not None:
         model.weights.start()  # the download overlaps the checks below and the engine's start-up (load_service)
     if not props and model.path != first_dir.resolve():
@@ -117,6 +128,42 @@ def configure(
         raise ConfigError(problems)
     assert plan is not None
     return Startup(model, location, resolved, plan, template)
+
+
+class EngineImport:
+    """The engine's libraries imported in a thread while the artifact's files are pulled and hashed (``serve`` only:
+    vLLM's import is 10-25 s, hashing a large checkpoint as long). Only libraries load here, never a weight: the
+    engine starts after verification, as before. A failed import is left for the engine's start to report."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+
+    def start(self, manifest: Manifest) -> None:
+        if self._thread is not None:  # announced again (a damaged cache entry resolved through the store)
+            return
+        try:
+            spec = engines.get(manifest.target.engine)
+        except engines.UnknownEngineError:
+            return  # the target check names it
+        if spec.installed_version() is None:
+            return
+        log.info("importing the %s engine while %s is verified", spec.name, manifest.name)
+        self._thread = threading.Thread(target=self._run, args=(spec,), name="kiln-engine-import", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    @staticmethod
+    def _run(spec: EngineSpec) -> None:
+        start = time.monotonic()
+        try:
+            spec.preload()
+        except Exception as exc:  # the engine's start imports again and reports it with its context
+            log.debug("importing the %s engine failed: %s", spec.name, exc)
+            return
+        log.info("imported the %s engine in %.1fs", spec.name, time.monotonic() - start)
 
 
 def signature_problems(model: ResolvedModel, trusted_keys: list[str]) -> list[str]:

@@ -14,6 +14,8 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -51,12 +53,20 @@ class ResolvedModel:
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 
 
-def resolve(target: str, revision: str | None = None, allow_pickle: bool = False) -> ResolvedModel:
+OnManifest = Callable[[Manifest], None]
+
+
+def resolve(
+    target: str, revision: str | None = None, allow_pickle: bool = False, on_manifest: OnManifest | None = None
+) -> ResolvedModel:
+    """``on_manifest`` is called with an artifact's manifest as soon as it is read, before its files are pulled or
+    verified (serve starts importing the engine then, so the import overlaps the hashing and the download)."""
+    seen = on_manifest or (lambda m: None)
     path = Path(target).expanduser()
     if target.startswith("s3://") and not names_an_artifact(target):
-        return _from_s3(target, allow_pickle)
+        return _from_s3(target, allow_pickle, seen)
     if path.is_dir():
-        return _from_dir(path, target)
+        return _from_dir(path, target, seen)
     if is_hub_id(target):
         return _from_hub(target, revision)
     if path.exists():
@@ -69,10 +79,11 @@ def resolve(target: str, revision: str | None = None, allow_pickle: bool = False
             "a local directory, or a Hugging Face hub id (<owner>/<name>)"
         )
     ref = parse_ref(target, default_store_uri())
-    if ref.digest and (cached := _cached(pull_cache_root() / hex_of(ref.digest), ref.digest, target)):
+    if ref.digest and (cached := _cached(pull_cache_root() / hex_of(ref.digest), ref.digest, target, seen)):
         return replace(cached, ref=ref)  # a digest names immutable content: an intact cache entry needs no store
     ref, manifest = ops.load_manifest(ref)
     assert ref.digest is not None
+    seen(manifest)
     entry = pull_cache_root() / hex_of(ref.digest)
     if entry.is_dir():
         try:
@@ -88,7 +99,9 @@ def resolve(target: str, revision: str | None = None, allow_pickle: bool = False
     except VerificationError:
         if not entry.is_dir():  # not a concurrent pull of the same artifact that won the rename
             raise
-    _verify(entry, manifest)
+    # Every byte was hashed as it was fetched, then the directory renamed into place whole (by this pull or a
+    # concurrent one): sizes and presence suffice here, hashing it all again would only double the first start.
+    ops.verify_files(entry, manifest.files, contents=False)
     return ResolvedModel(entry, manifest.name, manifest, target, ref=ref)
 
 
@@ -109,7 +122,7 @@ def names_an_artifact(uri: str) -> bool:
     return "@" in last or ":" in last
 
 
-def _from_s3(uri: str, allow_pickle: bool) -> ResolvedModel:
+def _from_s3(uri: str, allow_pickle: bool, seen: OnManifest) -> ResolvedModel:
     """What the prefix holds decides: a Hugging Face checkpoint (config.json at its top), else a kiln artifact."""
     found = open_checkpoint(uri, allow_pickle)
     if found is not None:
@@ -118,18 +131,19 @@ def _from_s3(uri: str, allow_pickle: bool) -> ResolvedModel:
         log.info("%s holds a plain Hugging Face checkpoint: serving its verified mirror %s", uri, path)
         return ResolvedModel(path, name, None, uri, S3_CHECKPOINT, weights)
     try:
-        return resolve(uri.rstrip("/") + ":latest")
+        return resolve(uri.rstrip("/") + ":latest", on_manifest=seen)
     except (UriError, NotFoundError) as exc:
         raise nothing_there(uri, str(exc)) from None
 
 
-def _cached(entry: Path, digest: str, source: str) -> ResolvedModel | None:
+def _cached(entry: Path, digest: str, source: str, seen: OnManifest) -> ResolvedModel | None:
     """The cache entry for ``digest`` if its manifest has that digest and every file verifies, else None."""
     try:
         data = (entry / MANIFEST_NAME).read_bytes()
         if (entry / MANIFEST_NAME).is_symlink() or sha256_bytes(data) != digest:
             return None
         manifest = Manifest.from_bytes(data)
+        seen(manifest)
         _verify(entry, manifest)
     except (OSError, ArtifactError) as exc:
         if entry.exists():
@@ -139,13 +153,14 @@ def _cached(entry: Path, digest: str, source: str) -> ResolvedModel | None:
     return ResolvedModel(entry, manifest.name, manifest, source)
 
 
-def _from_dir(path: Path, source: str) -> ResolvedModel:
+def _from_dir(path: Path, source: str, seen: OnManifest) -> ResolvedModel:
     if not (path / MANIFEST_NAME).exists():
         if not (path / "config.json").is_file():
             raise ArtifactError(f"{path} holds neither {MANIFEST_NAME} nor a Hugging Face config.json")
         log.warning("%s has no %s: serving it unverified as a plain Hugging Face checkpoint", path, MANIFEST_NAME)
         return ResolvedModel(path.resolve(), _dir_name(path), None, source, "plain Hugging Face directory")
     manifest = ops.read_dir_manifest(path)
+    seen(manifest)
     _verify(path, manifest)
     return ResolvedModel(path.resolve(), manifest.name, manifest, source, "kiln artifact directory")
 
@@ -206,7 +221,11 @@ def _cached_revisions(repo_id: str) -> list[str]:
 
 
 def _verify(path: Path, manifest: Manifest) -> None:
+    start = time.monotonic()
     extra = ops.verify_dir(path, manifest)
+    log.info(
+        "verified %d files (%.1f MB) in %.2fs", len(manifest.files), manifest.total_size / 1e6, time.monotonic() - start
+    )
     if extra:
         log.warning("files not listed in the manifest (ignored by verification): %s", ", ".join(extra[:10]))
 

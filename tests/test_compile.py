@@ -157,12 +157,23 @@ def test_start_elsewhere_hits_the_packaged_cache_and_engine_death_exits_1(
         engine = engine_log.read_text()
         assert "Directly load AOT compilation" in engine, engine[-3000:]
         assert "Compiling model again" not in engine
-        # The real engine dying (its core process killed): /ping turns 503 and the server exits 1, leaving nothing.
+        # The real engine dying (its core process killed) mid-stream: the stream in flight ends with an in-band error,
+        # /ping turns 503 and the server exits 1, leaving nothing.
         engine_processes = psutil.Process(server.proc.pid).children(recursive=True)
         core = [p for p in engine_processes if "EngineCore" in _name(p)]
         assert core, "no vLLM engine core process found"
-        for p in core:
-            p.kill()
+        body = {"model": "tiny-llama", "prompt": "Once", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", server.base + "/v1/completions", json=body, timeout=120) as stream:
+            lines = stream.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))  # tokens are flowing
+            for p in core:
+                p.kill()
+            rest = list(lines)
+        assert stream.status_code == 200
+        assert '"text"' in first
+        events = [line for line in rest if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]", events[-3:]
+        assert json.loads(events[-2][len("data: ") :])["error"]["code"] == 503, events[-2]
         codes = []
         while server.proc.poll() is None and len(codes) < 600:
             with suppress(httpx.TransportError):
