@@ -137,8 +137,6 @@ class NeuronCompileConfig(CompileConfig):
                     f"compile.batch_size={self.batch_size}, or raise compile.batch_size",
                 )
             )
-        if build.model.dtype not in (*NEURON_DTYPES, "auto"):
-            out.append(("model.dtype", f"Neuron graphs take {list(NEURON_DTYPES)}"))
         return out
 
     def chip(self) -> str | None:

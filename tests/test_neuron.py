@@ -187,6 +187,23 @@ def test_the_files_nxdi_compile_writes_are_the_ones_checked(tmp_path: Path) -> N
     assert rc.PACKAGES == cn.KEY_PACKAGES
 
 
+def test_the_toolchain_pins_the_sdk_release_from_aws_index() -> None:
+    from build import toolchains
+
+    tc = toolchains.get("neuron")
+    # "Trn1 packages" of Neuron 2.29.0's release content page (awsdocs-neuron v2.29.0, releasecontent.html)
+    release = {
+        "neuronx-cc": "2.24.5133.0",
+        "neuronx-distributed": "0.18.27753",
+        "neuronx-distributed-inference": "0.9.17334",
+        "libneuronxla": "2.2.16408.0",
+    }
+    assert {k: tc.pins[k] for k in release} == release
+    assert tc.extra_index_urls == ["https://pip.repos.neuron.amazonaws.com"]
+    assert cn.NEURON_SDK == "2.29.0"
+    assert "KILN_TOOLCHAIN_NEURON" in tc.fix()
+
+
 def problems_of(hydra: None, *overrides: str) -> str:
     from hydra import compose
 
@@ -490,9 +507,16 @@ def test_runtime_config_shows_the_mapping(
 
 
 @pytest.mark.neuron
+@pytest.mark.timeout(7200)  # NxD Inference's compile and the first load take minutes even for the tiny model
 @pytest.mark.skipif(not glob.glob("/dev/neuron[0-9]*"), reason="needs AWS Neuron devices (/dev/neuron*)")
 def test_build_serve_and_ask_on_a_neuron_host(tmp_path: Path) -> None:
-    """The tiny model compiled for this host's family (KILN_INSTANCE_TYPE or EC2's DMI name), served, asked."""
+    """The tiny model compiled for this host's family (KILN_INSTANCE_TYPE or EC2's DMI name), served, asked.
+
+    On a Neuron host (a Neuron DLAMI of SDK 2.29), with kiln's environment holding vLLM 0.11.0 and vLLM Neuron 0.2.0
+    for serving and the DLAMI's NxD Inference environment as the build's toolchain::
+
+        KILN_TOOLCHAIN_NEURON=/path/to/nxd-inference/venv/bin/python pytest -m neuron tests/test_neuron.py
+    """
     from openai import OpenAI
 
     from runtime.host import detect
