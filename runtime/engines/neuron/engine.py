@@ -14,6 +14,9 @@ What the compiled graphs fix, and vLLM Neuron 0.2.0 therefore needs to agree wit
 it loads precompiled graphs, and recompiles, into the artifact's directory, when it cannot load them): at most
 ``batch_size`` sequences (``max_num_seqs``), ``seq_len`` tokens (``max_model_len``), the TP degree, the dtype, a
 contiguous KV cache (prefix caching and chunked prefill off; the plugin sets the block size to the model length).
+Values above the compiled ones are refused; kiln's defaults are the compiled ones. Smaller ones are passed on, but
+vLLM Neuron's own flow always compiles ``batch_size = max_num_seqs`` and ``seq_len = max_model_len``, so a smaller
+batch or length is a path its source does not exercise (its sampler pads parameters to ``max_num_seqs``).
 With on-device sampling (the build's default) the NeuronCores sample with per-request temperature, top_k (at most
 the compiled ``global_topk``) and top_p only, and return no logprobs (``NeuronCausalLM.sample`` returns
 ``logprobs_tensors=None``): requests asking for more are refused with the parameter named.
