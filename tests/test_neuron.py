@@ -358,6 +358,7 @@ def compiled_dir(tmp_path: Path, batch: int = 8, seq_len: int = 512, tp: int = 8
         "on_device_sampling_config": ods,
     }
     (d / "neuron_config.json").write_text(json.dumps({"neuron_config": neuron_config, "hidden_size": 64}))
+    (d / "model.pt").write_bytes(b"PK")  # NxD Inference's TorchScript bundle (only its presence is read)
     (d / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 2048}))
     return d
 
@@ -482,7 +483,8 @@ def test_runtime_config_shows_the_mapping(
     d = tmp_path / "tiny-neuron"
     shutil.copytree(tiny_dir, d)
     compiled_dir(tmp_path, tp=2)
-    shutil.copy(tmp_path / "art" / "neuron_config.json", d / "neuron_config.json")
+    for name in ("neuron_config.json", "model.pt"):
+        shutil.copy(tmp_path / "art" / name, d / name)
     site = tmp_path / "site"
     (site / "vllm_neuron-0.2.0.dist-info").mkdir(parents=True)
     (site / "vllm_neuron-0.2.0.dist-info" / "METADATA").write_text("Name: vllm-neuron\nVersion: 0.2.0\n")

@@ -49,6 +49,11 @@ class Compiled:
 
     @classmethod
     def read(cls, model_dir: Path) -> Compiled:
+        if not (model_dir / COMPILED_GRAPHS).is_file():
+            raise NotCompiledError(
+                f"{model_dir} holds no compiled Neuron graphs ({COMPILED_GRAPHS}); the neuron engine serves artifacts "
+                "built with compile=neuron"
+            )
         try:
             data = json.loads((model_dir / COMPILED_CONFIG).read_text())
             nc = data["neuron_config"]
