@@ -23,7 +23,7 @@ from artifacts.paths import cache_root, default_store_uri
 from artifacts.store import SCHEME_TO_STORE, STORES, open_store
 from artifacts.targets import ENGINES, quant_scheme, runs_on
 from artifacts.uri import ArtifactRef, normalize_store_uri, scheme_of
-from build import calibration
+from build import calibration, toolchains
 from build.cache import StageCache, StageRecord
 from build.config import BuildConfig, ModelConfig, parse_size, to_plain
 from build.errors import BuildError
@@ -58,6 +58,11 @@ class BuildResult:
 def run_build(cfg: BuildConfig) -> BuildResult:
     start = time.monotonic()
     store_uri = _store_uri(cfg)
+    c = COMPILERS[cfg.compile.backend]
+    device = cfg.compile.build_device(("cuda", "cpu") if nvidia_gpus() else ("cpu",))
+    compile_toolchain = c.toolchain_for(device) if c.entry else None
+    if compile_toolchain:  # one that cannot be created fails the build now, not after the stages before it
+        toolchains.preflight(toolchains.get(compile_toolchain))
     cache = StageCache(cache_root() / "stages")
     source = acquire(cfg.model, cache, force=cfg.force)
     stages = [source.stage] if source.stage else []
@@ -79,10 +84,8 @@ def run_build(cfg: BuildConfig) -> BuildResult:
         final = run_stage(spec, params, {"model": _input(final), **extra}, cache, force=cfg.force)
         stages.append(final)
         check_quantize_gate(cfg, stages)  # before compiling: a checkpoint that will not be published is not compiled
-    c = COMPILERS[cfg.compile.backend]
-    device = cfg.compile.build_device(("cuda", "cpu") if nvidia_gpus() else ("cpu",))
-    if c.entry and (toolchain := c.toolchain_for(device)):
-        spec = StageSpec("compile", toolchain, c.entry, host_bound=True, code=c.code)
+    if compile_toolchain:
+        spec = StageSpec("compile", compile_toolchain, c.entry or "", host_bound=True, code=c.code)
         # The warm-up derives the engine settings as serve will, from this artifact's target block (as far as the
         # stages so far determined it) and its serving block.
         target = build_target(cfg, stages).to_dict()

@@ -1,7 +1,8 @@
 """The compiler registry, keyed by the ``compile=`` config option name.
 
 ``none`` does no ahead-of-time work: the artifact is served as converted (or quantized). ``vllm`` starts vLLM in
-the build and packages its torch.compile cache (compile/vllm.py), on the build host's CPU or NVIDIA GPU.
+the build and packages its torch.compile cache (compile/vllm.py), on the build host's CPU or NVIDIA GPU. ``neuron``
+compiles the Neuron graphs with NxD Inference into the artifact (compile/neuron.py), for one instance family.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from compile.config import CompileConfig
+from compile.neuron import NeuronCompileConfig
 from compile.vllm import VllmCompileConfig
 
 
@@ -46,5 +48,11 @@ COMPILERS: dict[str, CompilerSpec] = {
             "runtime.engines.base",
             "runtime.engines.vllm",
         ),
+    ),
+    "neuron": CompilerSpec(
+        config_cls=NeuronCompileConfig,
+        toolchain="neuron",
+        entry="compile.neuron:run",
+        engine="neuron",
     ),
 }

@@ -10,7 +10,10 @@ toolchain it needs; :func:`resolve` finds an interpreter for it, in this order:
    ``<kiln cache>/toolchains``), created on
    first use with pip (which finds the CPU torch wheel on this machine's disk).
 
-Adding a toolchain is adding ``<name>.txt`` here.
+Adding a toolchain is adding ``<name>.txt`` here. Directives in its comments: ``# kiln: uninstall PKG…`` (removed
+after install), ``# kiln: extra-index-url URL`` (a vendor's own package index, e.g. AWS's Neuron index, probed before
+anything is built: see :func:`preflight`) and ``# kiln: provided-by TEXT`` (where a ready environment comes from, for
+the fix of an install failure).
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import logging
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from artifacts.paths import cache_root
 from build.errors import BuildError
@@ -53,14 +58,26 @@ class Toolchain:
                 pins[_norm(name)] = version.strip()
         return pins
 
+    def directive(self, name: str) -> list[str]:
+        """The values of ``# kiln: <name> VALUE`` lines, in order."""
+        prefix = f"# kiln: {name} "
+        lines = self.requirements.read_text().splitlines()
+        return [line.removeprefix(prefix).strip() for line in lines if line.startswith(prefix)]
+
     @property
     def post_uninstall(self) -> list[str]:
         """Packages to remove after install (``# kiln: uninstall a b``): dependencies that break the env."""
-        out: list[str] = []
-        for line in self.requirements.read_text().splitlines():
-            if line.startswith("# kiln: uninstall "):
-                out += line.removeprefix("# kiln: uninstall ").split()
-        return out
+        return [pkg for line in self.directive("uninstall") for pkg in line.split()]
+
+    @property
+    def extra_index_urls(self) -> list[str]:
+        """Package indexes pip searches beside PyPI (``# kiln: extra-index-url URL``)."""
+        return self.directive("extra-index-url")
+
+    def fix(self) -> str:
+        """What to do when this toolchain cannot be created here."""
+        where = "".join(f" ({p})" for p in self.directive("provided-by"))
+        return f"set {env_var(self.name)} to a python that has {self.requirements.name}'s packages{where}"
 
     @property
     def lock_digest(self) -> str:
@@ -155,6 +172,35 @@ def managed_dir(tc: Toolchain) -> Path:
     return managed_root() / f"{tc.name}-{tc.lock_digest.split(':')[1][:12]}"
 
 
+def preflight(tc: Toolchain) -> None:
+    """Fail now, before any stage runs, when ``tc`` would have to be created and a package index it needs cannot be
+    reached: pip would retry each unreachable index for minutes, after the stages before it had run."""
+    if os.environ.get(env_var(tc.name)) or (managed_dir(tc) / ".kiln-complete").exists() or not mismatches(tc):
+        return
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "PIP_PROXY")):
+        return  # pip goes through the proxy: a direct connection says nothing
+    for url in tc.extra_index_urls:
+        if (why := unreachable(url)) is not None:
+            missing = ", ".join(m.split(" ")[0] for m in mismatches(tc)[:4])
+            raise BuildError(
+                "toolchain",
+                f"the {tc.name!r} toolchain needs {missing} … from {url}, which this machine cannot reach ({why}); "
+                "nothing was built or published",
+                fix=f"build on a host that reaches {url}, or {tc.fix()}",
+            )
+
+
+def unreachable(url: str, timeout: float = 5.0) -> str | None:
+    """Why a TCP connection to ``url``'s host fails (None: it connects)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def ensure_managed(tc: Toolchain) -> Path:
     """Create (once, under a lock) the toolchain's virtual environment; return its python."""
     venv = managed_dir(tc)
@@ -162,6 +208,7 @@ def ensure_managed(tc: Toolchain) -> Path:
     done = venv / ".kiln-complete"
     if done.exists():
         return python
+    preflight(tc)
     venv.parent.mkdir(parents=True, exist_ok=True)
     with open(venv.parent / f".{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -176,9 +223,10 @@ def ensure_managed(tc: Toolchain) -> Path:
         # build's log stays quiet, unless KILN_LOG_LEVEL=DEBUG asks for it.
         loud = sys.stderr.isatty() or os.environ.get("KILN_LOG_LEVEL", "").upper() == "DEBUG"
         pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
+        indexes = [arg for url in tc.extra_index_urls for arg in ("--extra-index-url", url)]
         steps = [
             [sys.executable, "-m", "venv", str(venv)],
-            [*pip, "install", "--progress-bar", "on" if loud else "off", "-r", str(tc.requirements)],
+            [*pip, "install", "--progress-bar", "on" if loud else "off", *indexes, "-r", str(tc.requirements)],
         ]
         if tc.post_uninstall:
             steps.append([*pip, "uninstall", "-y", *tc.post_uninstall])
@@ -196,8 +244,8 @@ def ensure_managed(tc: Toolchain) -> Path:
                     "toolchain",
                     f"creating the {tc.name!r} environment failed: {' '.join(step[:4])} … exited {proc.returncode}"
                     + tail,
-                    fix=f"check network access to the package index, or set {env_var(tc.name)} to a python "
-                    f"that has {tc.requirements.name}'s packages",
+                    fix=f"check network access to the package index{'es' if indexes else ''} "
+                    f"({', '.join(['PyPI', *tc.extra_index_urls])}), or {tc.fix()}",
                 )
         done.touch()
     return python
