@@ -21,6 +21,11 @@ from artifacts.targets import DEVICE_KINDS, task_problem
 
 SCHEMA = "kiln.artifact/v1"
 MANIFEST_NAME = "manifest.json"
+SIGNATURES_NAME = "signatures.json"  # beside manifest.json: the artifact's signatures (artifacts/signing.py)
+# Bounds on what a reader parses: real checkpoints hold a few thousand files at most and a manifest of a few MB; a
+# hostile one of 10^6 entries (120 MB of JSON) would take half a minute of validation before anything was refused.
+MAX_FILES = 100_000
+MAX_MANIFEST_BYTES = 64 << 20
 COMPILE_CACHE_DIR = "compile_cache"  # an engine's precompiled cache inside an artifact (compile=vllm)
 
 
@@ -35,8 +40,8 @@ def check_relpath(path: str) -> str:
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise ManifestError(f"unsafe path in manifest: {path!r} (no '.', '..' or empty components)")
-    if path == MANIFEST_NAME:
-        raise ManifestError(f"{MANIFEST_NAME!r} cannot list itself")
+    if path in (MANIFEST_NAME, SIGNATURES_NAME):
+        raise ManifestError(f"{path!r} is reserved for the manifest and its signatures; a manifest cannot list it")
     return str(PurePosixPath(path))
 
 
@@ -186,6 +191,8 @@ class Manifest:
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
         """Parse and validate manifest bytes; raises ManifestError naming the first problem."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"manifest is {len(data)} bytes, more than kiln reads ({MAX_MANIFEST_BYTES})")
         try:
             raw = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -195,6 +202,8 @@ class Manifest:
         schema = raw.get("schema")
         if schema != SCHEMA:
             raise ManifestError(f"unsupported manifest schema {schema!r}; this kiln reads {SCHEMA!r}")
+        if isinstance(raw.get("files"), list) and len(raw["files"]) > MAX_FILES:
+            raise ManifestError(f"manifest lists {len(raw['files'])} files, more than kiln accepts ({MAX_FILES})")
         try:
             files = [FileEntry(path=f["path"], size=f["size"], sha256=f["sha256"]) for f in raw["files"]]
             return cls.create(

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from artifacts.errors import ArtifactError, VerificationError
+from artifacts.manifest import SIGNATURES_NAME as SIGNATURES_NAME
 from artifacts.names import check_digest
 
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
 FORMAT = "kiln-ed25519-v1"
 PAYLOAD_PREFIX = b"kiln artifact manifest v1\n"
-SIGNATURES_NAME = "signatures.json"  # beside manifest.json in an artifact directory
 INSTALL_HINT = "pip install 'cryptography>=42' (it comes with kiln's runtime and build extras)"
 
 

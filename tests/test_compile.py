@@ -162,14 +162,14 @@ def test_start_elsewhere_hits_the_packaged_cache_and_engine_death_exits_1(
         engine_processes = psutil.Process(server.proc.pid).children(recursive=True)
         core = [p for p in engine_processes if "EngineCore" in _name(p)]
         assert core, "no vLLM engine core process found"
-        body = {"model": "tiny-llama", "prompt": "Once", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        body = {"model": "tiny-llama", "prompt": "Once", "max_tokens": 1500, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", server.base + "/v1/completions", json=body, timeout=120) as stream:
+            assert stream.status_code == 200, stream.read()
             lines = stream.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))  # tokens are flowing
             for p in core:
                 p.kill()
             rest = list(lines)
-        assert stream.status_code == 200
         assert '"text"' in first
         events = [line for line in rest if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]", events[-3:]

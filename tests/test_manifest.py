@@ -51,7 +51,9 @@ def test_round_trip_preserves_digest() -> None:
     assert again.digest == m.digest
 
 
-@pytest.mark.parametrize("path", ["../etc/passwd", "/abs", "a/../b", "a//b", "./a", "a\\b", "manifest.json", ""])
+@pytest.mark.parametrize(
+    "path", ["../etc/passwd", "/abs", "a/../b", "a//b", "./a", "a\\b", "manifest.json", "signatures.json", ""]
+)
 def test_unsafe_paths_refused(path: str) -> None:
     with pytest.raises(ManifestError, match="path|manifest"):
         FileEntry(path, 1, D)
@@ -89,3 +91,21 @@ def test_unknown_target_fields_kept_for_the_runtime_to_refuse() -> None:
 def test_bad_name_refused() -> None:
     with pytest.raises(ManifestError, match="artifact name"):
         manifest(name="Bad Name")
+
+
+@pytest.mark.parametrize(
+    ("entries", "refusal"), [(1_000_000, "bytes, more than kiln reads"), (200_000, "lists 200000 files")]
+)
+def test_a_manifest_of_too_many_entries_is_refused_before_its_entries_are_validated(entries: int, refusal: str) -> None:
+    """10^6 entries (118 MB of JSON) took 29 s of validation before the limits; 200 000 fit the byte limit."""
+    data = json.loads(manifest().to_bytes())
+    data["files"] = [{"path": f"f/{i}", "size": 1, "sha256": D} for i in range(entries)]
+    with pytest.raises(ManifestError, match=refusal):
+        Manifest.from_bytes(json.dumps(data).encode())
+
+
+def test_a_manifest_larger_than_kiln_reads_is_refused_unparsed() -> None:
+    from artifacts.manifest import MAX_MANIFEST_BYTES
+
+    with pytest.raises(ManifestError, match="more than kiln reads"):
+        Manifest.from_bytes(b" " * (MAX_MANIFEST_BYTES + 1))  # not JSON either: the size is checked first
