@@ -44,6 +44,7 @@ COMPILERS: dict[str, CompilerSpec] = {
             "runtime.config",
             "runtime.host",
             "runtime.engines.base",
+            "runtime.engines.compiled",
             "runtime.engines.vllm",
         ),
     ),
