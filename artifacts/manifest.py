@@ -21,7 +21,11 @@ from artifacts.targets import DEVICE_KINDS, task_problem
 
 SCHEMA = "kiln.artifact/v1"
 MANIFEST_NAME = "manifest.json"
-COMPILE_CACHE_DIR = "compile_cache"  # an engine's precompiled cache inside an artifact (compile=vllm)
+COMPILE_CACHE_DIR = "compile_cache"  # an engine's precompiled cache inside an artifact (compile=vllm, tensorrt_llm)
+# compile=tensorrt_llm: the LLM-API options (a YAML of TorchLlmArgs fields, also `trtllm-serve --config`'s file) and,
+# from a GPU build host, the autotuner's cache (TLLM_AUTOTUNER_CACHE_PATH) under COMPILE_CACHE_DIR.
+LLM_API_OPTIONS = "llm_api_options.yaml"
+AUTOTUNER_CACHE = "trtllm_autotuner_cache.json"
 
 
 def check_relpath(path: str) -> str:

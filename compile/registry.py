@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from compile.config import CompileConfig
+from compile.tensorrt_llm import TensorrtLlmCompileConfig
 from compile.vllm import VllmCompileConfig
 
 
@@ -46,6 +47,23 @@ COMPILERS: dict[str, CompilerSpec] = {
             "runtime.engines.base",
             "runtime.engines.compiled",
             "runtime.engines.vllm",
+        ),
+    ),
+    "tensorrt_llm": CompilerSpec(
+        config_cls=TensorrtLlmCompileConfig,
+        toolchain="build",  # options only: no TensorRT-LLM needed
+        device_toolchains={"cuda": "tensorrt-llm"},  # the autotuner warm-up
+        entry="compile.tensorrt_llm:run",
+        engine="tensorrt_llm",
+        # the GPU warm-up derives the settings as serve does and runs the engine's warm-up hook
+        code=(
+            "runtime.warmup",
+            "runtime.settings",
+            "runtime.config",
+            "runtime.host",
+            "runtime.engines.base",
+            "runtime.engines.compiled",
+            "runtime.engines.tensorrt_llm",
         ),
     ),
 }

@@ -16,6 +16,7 @@ ENGINES: dict[str, str] = {
     "vllm": "runtime.engines.vllm",
     "transformers": "runtime.engines.transformers",
     "deepspeed": "runtime.engines.deepspeed",
+    "tensorrt_llm": "runtime.engines.tensorrt_llm",
 }
 # The engine for a plain Hugging Face directory (no manifest names one) when the configuration names none.
 DEFAULT = "vllm"
