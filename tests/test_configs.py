@@ -42,6 +42,8 @@ def test_every_option_composes_and_validates(hydra: None, group: str, option: st
         overrides += ["publish.uri=s3://some-bucket/prefix"]
     if group == "speculative" and option == "draft_model":
         overrides += ["speculative.draft.source=/some/draft"]
+    if group == "compile" and option == "tensorrt_llm":
+        overrides += ["target.engine=tensorrt_llm"]
     cfg = compose(config_name="build", overrides=overrides)
     typed = validate(cfg)
     assert isinstance(typed, BuildConfig)
