@@ -231,6 +231,8 @@ def _token(tid: int, lp: Any, k: int) -> TokenInfo:
     """TensorRT-LLM gives ``{token_id: Logprob(logprob, rank)}`` per token: the sampled one and the top ``k``."""
     if not lp:
         return TokenInfo(id=int(tid), text="")
+    if isinstance(lp, int | float):  # a bare logprob (no alternatives), as some result paths give
+        return TokenInfo(id=int(tid), text="", logprob=float(lp))
     chosen = lp.get(tid)
     ranked = sorted((p.rank, i, p) for i, p in lp.items() if p.rank is not None and p.rank <= k)
     return TokenInfo(
