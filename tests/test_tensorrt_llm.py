@@ -699,3 +699,41 @@ def test_a_gpu_build_tunes_and_serves(tmp_path: Path) -> None:
         assert out.choices[0].finish_reason in ("length", "stop")
     finally:
         stop_cleanly(server)
+
+
+class FailingOutput(StandInOutput):
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(1, [])
+        self.exc = exc
+
+    async def __anext__(self) -> StandInOutput:
+        raise self.exc
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("exc", "healthy", "kind"),
+    [
+        (ValueError("prompt too long"), True, "EngineRequestError"),
+        (RuntimeError("kernel failed"), True, "EngineError"),
+        (RuntimeError("executor gone"), False, "EngineDeadError"),
+    ],
+)
+def test_request_failures_map_onto_kilns_errors(
+    tmp_path: Path, stand_in: types.SimpleNamespace, exc: Exception, healthy: bool, kind: str
+) -> None:
+    from runtime.engines.base import EngineError
+    from runtime.engines.tensorrt_llm.engine import TensorrtLlmEngine
+
+    engine = TensorrtLlmEngine(EngineSettings(model_dir=artifact_dir(tmp_path, None), device="cuda", max_model_len=64))
+    stand_in.script = [FailingOutput(exc)]
+
+    async def run() -> None:
+        await engine.start()
+        stand_in.llm._check_health = lambda: healthy  # what trtllm-serve's /health asks the LLM
+        await collect(engine.generate("r1", [1], SamplingSpec(max_tokens=3)))
+
+    with pytest.raises(EngineError) as err:
+        asyncio.run(run())
+    assert type(err.value).__name__ == kind
+    assert stand_in.outputs[0][1].aborted  # not finished: cancelled in the engine

@@ -159,8 +159,6 @@ class TensorrtLlmEngine:
         try:
             async for item in out:
                 yield _convert(item, len(prompt_ids), seen, k)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             raise self._error(exc) from exc
         finally:
@@ -173,7 +171,7 @@ class TensorrtLlmEngine:
             return exc
         if not self._healthy():
             return EngineDeadError(f"the TensorRT-LLM executor is gone: {type(exc).__name__}: {exc}")
-        if isinstance(exc, ValueError) or type(exc).__name__ == "RequestError":
+        if isinstance(exc, _request_errors()):
             return EngineRequestError(str(exc))
         return EngineError(f"{type(exc).__name__}: {exc}")
 
@@ -207,6 +205,16 @@ class TensorrtLlmEngine:
         llm, self._llm = self._llm, None
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
+
+
+def _request_errors() -> tuple[type[Exception], ...]:
+    """What a failed request raises: ``tensorrt_llm.executor.utils.RequestError`` (a RuntimeError; read at 015884d),
+    and ValueError from the LLM API's own checks."""
+    try:
+        from tensorrt_llm.executor.utils import RequestError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, RequestError)
 
 
 def _convert(out: Any, prompt_tokens: int, seen: _Seen, k: int | None) -> EngineOutput:
