@@ -176,7 +176,8 @@ class TensorrtLlmEngine:
         return EngineError(f"{type(exc).__name__}: {exc}")
 
     def _healthy(self) -> bool:
-        """What trtllm-serve's /health asks: the LLM's executor is up (``LLM._check_health``)."""
+        """Whether the LLM's executor is up: ``LLM._check_health()`` where the installed version has it (recalled
+        from trtllm-serve's /health, not found in the stored source: unverified); healthy where it is absent."""
         check = getattr(self._llm, "_check_health", None)
         return bool(check()) if callable(check) else True
 
