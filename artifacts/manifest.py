@@ -26,7 +26,11 @@ SIGNATURES_NAME = "signatures.json"  # beside manifest.json: the artifact's sign
 # hostile one of 10^6 entries (120 MB of JSON) would take half a minute of validation before anything was refused.
 MAX_FILES = 100_000
 MAX_MANIFEST_BYTES = 64 << 20
-COMPILE_CACHE_DIR = "compile_cache"  # an engine's precompiled cache inside an artifact (compile=vllm)
+COMPILE_CACHE_DIR = "compile_cache"  # an engine's precompiled cache inside an artifact (compile=vllm, tensorrt_llm)
+# compile=tensorrt_llm: the LLM-API options (a YAML of TorchLlmArgs fields, also `trtllm-serve --config`'s file) and,
+# from a GPU build host, the autotuner's cache (TLLM_AUTOTUNER_CACHE_PATH) under COMPILE_CACHE_DIR.
+LLM_API_OPTIONS = "llm_api_options.yaml"
+AUTOTUNER_CACHE = "trtllm_autotuner_cache.json"
 
 
 def check_relpath(path: str) -> str:

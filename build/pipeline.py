@@ -90,6 +90,8 @@ def run_build(cfg: BuildConfig) -> BuildResult:
         # stages so far determined it) and its serving block.
         target = build_target(cfg, stages).to_dict()
         params = {"config": to_plain(cfg.compile), "target": target, "serving": serving_block(cfg), "device": device}
+        if device == "cuda":  # content tuned or compiled for this GPU: another GPU model must not reuse the cache
+            params["gpus"] = [f"{g.name} (sm {g.capability})" for g in nvidia_gpus()]
         final = run_stage(spec, params, {"model": _input(final)}, cache, force=cfg.force)
         stages.append(final)
     if cfg.speculative.method == "draft_model":

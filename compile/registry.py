@@ -3,6 +3,8 @@
 ``none`` does no ahead-of-time work: the artifact is served as converted (or quantized). ``vllm`` starts vLLM in
 the build and packages its torch.compile cache (compile/vllm.py), on the build host's CPU or NVIDIA GPU. ``neuron``
 compiles the Neuron graphs with NxD Inference into the artifact (compile/neuron.py), for one instance family.
+``tensorrt_llm`` writes TensorRT-LLM's LLM-API options and, on an NVIDIA GPU build host, its autotuner cache
+(compile/tensorrt_llm.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 
 from compile.config import CompileConfig
 from compile.neuron import NeuronCompileConfig
+from compile.tensorrt_llm import TensorrtLlmCompileConfig
 from compile.vllm import VllmCompileConfig
 
 
@@ -46,6 +49,7 @@ COMPILERS: dict[str, CompilerSpec] = {
             "runtime.config",
             "runtime.host",
             "runtime.engines.base",
+            "runtime.engines.compiled",
             "runtime.engines.vllm",
         ),
     ),
@@ -54,5 +58,22 @@ COMPILERS: dict[str, CompilerSpec] = {
         toolchain="neuron",
         entry="compile.neuron:run",
         engine="neuron",
+    ),
+    "tensorrt_llm": CompilerSpec(
+        config_cls=TensorrtLlmCompileConfig,
+        toolchain="build",  # options only: no TensorRT-LLM needed
+        device_toolchains={"cuda": "tensorrt-llm"},  # the autotuner warm-up
+        entry="compile.tensorrt_llm:run",
+        engine="tensorrt_llm",
+        # the GPU warm-up derives the settings as serve does and runs the engine's warm-up hook
+        code=(
+            "runtime.warmup",
+            "runtime.settings",
+            "runtime.config",
+            "runtime.host",
+            "runtime.engines.base",
+            "runtime.engines.compiled",
+            "runtime.engines.tensorrt_llm",
+        ),
     ),
 }

@@ -13,29 +13,19 @@ This module imports only ``artifacts/``: the warm-up is a separate process, star
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from artifacts.errors import StageError
 from artifacts.manifest import COMPILE_CACHE_DIR
 from artifacts.ops import link_tree
-from artifacts.paths import cache_root
+from compile import warmup
 from compile.config import CompileConfig
 
 log = logging.getLogger("kiln.compile.vllm")
 COMPILE_DEVICES = ("auto", "cpu", "cuda")
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the runtime's warm-up is started from this checkout
 
 
 @dataclass
@@ -109,98 +99,21 @@ def _warm_up(
     device: str,
     log_path: Path,
 ) -> dict[str, Any]:
-    """Run ``python -m runtime.warmup`` (vLLM needs a process with a ``__main__`` guard to spawn its engine)."""
-    report = out.parent / "warmup.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "runtime.warmup",
-        str(out),
-        "--target",
-        json.dumps(dict(target)),
-        "--serving",
-        json.dumps(dict(serving)),
-        "--cache-dir",
-        str(out / COMPILE_CACHE_DIR),
-        "--report",
-        str(report),
-    ]
-    if cfg.kv_cache_gib is not None:
-        cmd += ["--option", f"kv_cache_gib={cfg.kv_cache_gib}"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    env.setdefault("KILN_LOG_FORMAT", "text")
+    """Run the runtime's warm-up of vLLM (compile/warmup.py) into ``out/compile_cache``."""
+    options = [f"kv_cache_gib={cfg.kv_cache_gib}"] if cfg.kv_cache_gib is not None else []
     # read by the runtime's compile_cache.point_engine_at; set either way, so the caller's environment cannot
     # make the cache disagree with the stage key
-    env["KILN_VLLM_AOT"] = "1" if cfg.aot else "0"
-    if device == "cpu":  # the runtime would pick a GPU where it sees one: hide it, the cache is for the CPU
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    print(
-        f"kiln: compile: starting vLLM on {device} to compile the model (about a minute for the tiny one)",
-        file=sys.stderr,
+    env = {"KILN_VLLM_AOT": "1" if cfg.aot else "0"}
+    return warmup.run(
+        out,
+        target,
+        serving,
+        engine="vLLM",
+        cache_dir=out / COMPILE_CACHE_DIR,
+        device=device,
+        timeout_s=cfg.timeout_s,
+        log_path=log_path,
+        options=options,
+        env=env,
+        fix="check that the model loads in vLLM with these serving settings",
     )
-    start = time.monotonic()
-    with open(log_path, "w") as log_file:
-        # its own process group, so that a timeout or an interrupt also stops vLLM's engine processes
-        proc = subprocess.Popen(
-            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True
-        )
-        try:
-            _wait(proc, start, cfg.timeout_s)
-        except subprocess.TimeoutExpired:
-            raise StageError(
-                "compile",
-                f"the vLLM warm-up did not finish within {cfg.timeout_s}s (log: {_keep_log(log_path)})",
-                key="compile.timeout_s",
-                fix="raise compile.timeout_s",
-            ) from None
-        finally:
-            _stop_group(proc)
-    data: dict[str, Any] = json.loads(report.read_text()) if report.is_file() else {}
-    if proc.returncode != 0 or "key" not in data:
-        kept = _keep_log(log_path)
-        raise StageError(
-            "compile",
-            f"the vLLM warm-up failed (exit code {proc.returncode}): {data.get('error', 'no report')} (log: {kept})",
-            fix="check that the model loads in vLLM with these serving settings",
-        )
-    for err in data["request_errors"]:
-        log.warning("compile: a warm-up request failed (its code path was still compiled): %s", err)
-    print(f"kiln: compile: done in {time.monotonic() - start:.0f}s", file=sys.stderr, flush=True)
-    return data
-
-
-def _wait(proc: subprocess.Popen[bytes], start: float, timeout_s: float) -> None:
-    """Wait for the warm-up, showing the elapsed time on a terminal (compiling takes minutes)."""
-    tty = sys.stderr.isatty()
-    while True:
-        try:
-            proc.wait(timeout=max(0.1, min(5.0, start + timeout_s - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            if time.monotonic() - start >= timeout_s:
-                raise
-            if tty:
-                print(f"\rkiln: compile: warming up vLLM… {time.monotonic() - start:.0f}s", end="", file=sys.stderr)
-            continue
-        if tty:
-            print(file=sys.stderr)
-        return
-
-
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """End the warm-up and the engine processes it started, if they are still running."""
-    if proc.poll() is not None:
-        return
-    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace)
-            return
-
-
-def _keep_log(log_path: Path) -> Path:
-    """The staging directory goes away with a failed stage: keep its warm-up log under the kiln cache."""
-    kept = cache_root() / "logs" / f"compile-warmup-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(log_path, kept)
-    return kept

@@ -44,6 +44,8 @@ def test_every_option_composes_and_validates(hydra: None, group: str, option: st
         overrides += ["speculative.draft.source=/some/draft"]
     if group == "compile" and option == "neuron":  # compiles for the neuron engine only
         overrides += ["target.engine=neuron"]
+    if group == "compile" and option == "tensorrt_llm":
+        overrides += ["target.engine=tensorrt_llm"]
     cfg = compose(config_name="build", overrides=overrides)
     typed = validate(cfg)
     assert isinstance(typed, BuildConfig)

@@ -1,6 +1,7 @@
 """Toolchains: the environments stage work runs in, because stage libraries cannot share one environment.
 
-Each toolchain is a pinned requirements file beside this module (``<name>.txt``). A stage declares the
+Each toolchain is a pinned requirements file beside this module (``<name>.txt``; pip option lines such as
+``--extra-index-url`` name where its packages come from). A stage declares the
 toolchain it needs; :func:`resolve` finds an interpreter for it, in this order:
 
 1. ``KILN_TOOLCHAIN_<NAME>`` (e.g. ``KILN_TOOLCHAIN_VLLM_CPU=/opt/venv/bin/python``): a container image or a
@@ -51,6 +52,8 @@ class Toolchain:
         pins = {}
         for line in self.requirements.read_text().splitlines():
             line = line.split("#", 1)[0].strip()
+            if line.startswith("-"):  # a pip option (--extra-index-url …): where packages come from, not a pin
+                continue
             if line:
                 name, sep, version = line.partition("==")
                 if not sep:

@@ -17,6 +17,7 @@ ENGINES: dict[str, str] = {
     "transformers": "runtime.engines.transformers",
     "deepspeed": "runtime.engines.deepspeed",
     "neuron": "runtime.engines.neuron",
+    "tensorrt_llm": "runtime.engines.tensorrt_llm",
 }
 # The engine for a plain Hugging Face directory (no manifest names one) when the configuration names none.
 DEFAULT = "vllm"

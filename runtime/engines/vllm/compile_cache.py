@@ -28,26 +28,24 @@ prometheus_client's default registry, which ``/metrics`` serves.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import logging
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sysconfig
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from artifacts.devices import Gpu, nvidia_gpus
-from artifacts.digest import hex_of, sha256_file
-from artifacts.manifest import COMPILE_CACHE_DIR, FileEntry, Manifest
-from artifacts.paths import cache_root
+from artifacts.manifest import Manifest
+from runtime.engines import compiled
 from runtime.engines.base import EngineSettings
+from runtime.engines.compiled import copy_root as copy_root
+from runtime.engines.compiled import writable_copy
 from runtime.engines.vllm import patches
 from runtime.host import TargetMismatchError
 
@@ -87,6 +85,7 @@ _WHY = {
     "python_include": "inductor keys every C++ kernel by the compiler's include paths, so all of them would recompile",
     "dtype": "the graph was compiled for another dtype",
 }
+RULES = compiled.KeyRules(order=KEY_ORDER, why=_WHY, at_least=AT_LEAST)
 
 
 # ---------------------------------------------------------------------------------------------- the key
@@ -115,17 +114,8 @@ def host_key(device: str, dtype: str) -> dict[str, str]:
 
 
 def cuda_key(torch_cuda: str | None, gpus: tuple[Gpu, ...]) -> dict[str, str]:
-    """The CUDA fields of the key: torch's CUDA version, the GPU's compute capability (from the driver, so a CPU
-    torch cannot misreport it) and the driver version."""
-    if torch_cuda is None:
-        raise TargetMismatchError(
-            "compile.cuda", "this environment's torch is built without CUDA: install 'kiln[vllm-cuda]' on GPU hosts"
-        )
-    if not gpus:
-        raise TargetMismatchError("compile.device", "no NVIDIA GPU is visible (nvidia-smi lists none)")
-    if len({g.capability for g in gpus}) > 1:
-        log.warning("GPUs of different compute capabilities: the key records the first (%s)", gpus[0].capability)
-    return {"cuda": torch_cuda, "gpu_capability": gpus[0].capability, "cuda_driver": gpus[0].driver}
+    """The CUDA fields of the key (runtime/engines/compiled.py: cuda_key), with vLLM's CUDA install line."""
+    return compiled.cuda_key(torch_cuda, gpus, "install 'kiln[vllm-cuda]'")
 
 
 def _cpu_isa() -> str:
@@ -153,24 +143,7 @@ def _cpu_arch() -> str:
 
 def mismatch(recorded: Mapping[str, str], here: Mapping[str, str]) -> tuple[str, str] | None:
     """The first recorded field this host does not match, with the reason, or None when all match."""
-    fields = sorted(recorded, key=lambda f: (KEY_ORDER.index(f) if f in KEY_ORDER else len(KEY_ORDER), f))
-    for field in fields:
-        if field not in here:
-            return field, "this runtime cannot check this field (the artifact was built by a newer kiln); upgrade kiln"
-        if field in AT_LEAST:
-            if _major(here[field]) < _major(recorded[field]):
-                why = _WHY[field]
-                return field, f"the cache was compiled under {recorded[field]!r}, this host has {here[field]!r} ({why})"
-            continue
-        if recorded[field] != here[field]:
-            why = _WHY.get(field, "the compiled content depends on it")
-            return field, f"the cache was compiled for {recorded[field]!r}, this host has {here[field]!r} ({why})"
-    return None
-
-
-def _major(version: str) -> int:
-    head = version.split(".", 1)[0]
-    return int(head) if head.isdigit() else 0
+    return compiled.mismatch(recorded, here, RULES)
 
 
 # ---------------------------------------------------------------------------------------------- serving
@@ -210,47 +183,6 @@ def _inductor_cache(path: Path) -> Iterator[None]:
             os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
         else:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
-
-
-def copy_root() -> Path:
-    """Where writable copies of artifacts' caches live: ``<kiln cache>/compile``."""
-    return cache_root() / "compile"
-
-
-def writable_copy(model_dir: Path, manifest: Manifest) -> Path:
-    """The artifact's cache, copied where vLLM and inductor may write (they take locks and add entries on a miss).
-
-    The copy is kept per artifact digest and checked against the manifest on every start: a damaged or missing
-    file is restored from the (verified) artifact; entries a previous miss added are kept.
-    """
-    dest = copy_root() / hex_of(manifest.digest)
-    prefix = COMPILE_CACHE_DIR + "/"
-    entries = [e for e in manifest.files if e.path.startswith(prefix)]
-    dest.mkdir(parents=True, exist_ok=True)
-    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent starts of one artifact repair the copy one at a time
-        restored = [e.path for e in entries if _restore(model_dir / e.path, dest / e.path[len(prefix) :], e)]
-    fresh = len(restored) == len(entries)
-    if restored and not fresh:
-        log.warning("compile cache copy %s: restored %s from the artifact (damaged or missing)", dest, restored[:5])
-    log.info("compile cache: %d files at %s%s", len(entries), dest, " (new copy)" if fresh else "")
-    return dest
-
-
-def _restore(src: Path, dest: Path, entry: FileEntry) -> bool:
-    """Make ``dest`` hold ``entry``'s content; True when it had to be copied. Atomic for concurrent readers."""
-    intact = dest.is_file() and not dest.is_symlink() and dest.stat().st_size == entry.size
-    if intact and sha256_file(dest)[0] == entry.sha256:
-        return False
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".restore-")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return True
 
 
 def point_engine_at(root: Path, *, filling: bool = False) -> None:
