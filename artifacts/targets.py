@@ -2,8 +2,9 @@
 schemes, and what each engine runs on. The one home of these names: the build validates against it, the manifest
 parser checks it, and every registry (runtime engines, quantizer backends, compilers) is held against it by a test.
 
-An engine named here need not be served by this runtime (``tensorrt_llm`` and ``neuron`` build today and are
-refused at serve time, naming the engine); a runtime engine must be named here.
+Every engine named here has a runtime engine package (runtime/engines/), which a host may lack: ``serve`` then refuses
+the artifact naming the install line (TensorRT-LLM and the Neuron SDK are not installable on every host). A runtime
+engine must be named here.
 """
 
 from __future__ import annotations
@@ -46,13 +47,17 @@ class EngineTarget:
     devices: tuple[str, ...]
     why: str = ""  # why device kinds are missing (empty: every kind the engine has a backend for)
     speculative: tuple[str, ...] = ()  # SPECULATIVE_METHODS a build may record for it (the runtime engine runs them)
+    # The engine's own transformers is a 4.x release, whose tokenizer code cannot read the tokenizer_config.json
+    # transformers 5 writes ("TokenizersBackend", extra_special_tokens as a list): the build writes the form both read.
+    transformers_4: bool = False
 
 
 ENGINES: dict[str, EngineTarget] = {
     "vllm": EngineTarget(("cpu", "cuda"), speculative=SPECULATIVE_METHODS),
     "transformers": EngineTarget(("cpu", "cuda")),
-    "tensorrt_llm": EngineTarget(("cuda",), "TensorRT-LLM runs on NVIDIA GPUs only"),
-    "neuron": EngineTarget(("neuron",), "Neuron graphs run on AWS Inferentia and Trainium only"),
+    # TensorRT-LLM 1.2 pins transformers==4.57.1 (requirements.txt at 000867d); NxD Inference 0.9 pins 4.57.*.
+    "tensorrt_llm": EngineTarget(("cuda",), "TensorRT-LLM runs on NVIDIA GPUs only", transformers_4=True),
+    "neuron": EngineTarget(("neuron",), "Neuron graphs run on AWS Inferentia and Trainium only", transformers_4=True),
     "deepspeed": EngineTarget(("cpu", "cuda")),
 }
 

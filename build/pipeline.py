@@ -74,6 +74,8 @@ def run_build(cfg: BuildConfig) -> BuildResult:
         "quantize": cfg.quantize.method,
         "task": cfg.target.task,
     }
+    if ENGINES[cfg.target.engine].transformers_4:  # only then: other targets keep their convert cache keys
+        convert_params["tokenizer_format"] = "transformers4"
     final = run_stage(CONVERT, convert_params, {"source": source.input}, cache, force=cfg.force)
     stages.append(final)
     check_prequantized_engine(cfg, final)

@@ -55,6 +55,9 @@ class ConvertParams:
     allow_pickle: bool
     quantize: str = "none"  # the build's quantize method: a pre-quantized source takes only "none"
     task: str = "generate"  # target.task
+    # "transformers4": tokenizer_config.json in the form transformers 4.x reads too (artifacts/targets.py:
+    # EngineTarget.transformers_4); "as-saved": copied as the source has it.
+    tokenizer_format: str = "as-saved"
 
 
 def run(params: Mapping[str, Any], inputs: Mapping[str, Path], out: Path) -> dict[str, Any]:
@@ -84,6 +87,7 @@ def convert(p: ConvertParams, src: Path, out: Path) -> dict[str, Any]:
         if (src / name).is_file():
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / name, out / name)
+    _tokenizer_format(out, p.tokenizer_format)
     n_params = sum(numel(shapes[n]) for n in names)
     log.info("converted %s: %d tensors, %d parameters, %s, %d shard(s)", arch, len(names), n_params, dtype, len(shards))
     return {
@@ -404,6 +408,35 @@ def _write_config(config: Mapping[str, Any], dtype: str, out: Path) -> None:
 PREQUANTIZED_FILES = ("hf_quant_config.json", "recipe.yaml", "quantize_config.json")
 
 
+def _tokenizer_format(out: Path, fmt: str) -> None:
+    path = out / "tokenizer_config.json"
+    if fmt != "transformers4" or not path.is_file():
+        return
+    before = json.loads(path.read_text())
+    after = portable_tokenizer_config(before)
+    if after != before:
+        path.write_text(json.dumps(after, indent=2, sort_keys=True) + "\n")
+        log.info("tokenizer_config.json rewritten in the form transformers 4.x reads (the engine's transformers)")
+
+
+def portable_tokenizer_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """transformers 5's tokenizer_config.json in the form 4.x reads as well. 4.57.1 refuses the 5.x form ("Tokenizer
+    class TokenizersBackend does not exist", then "'list' object has no attribute 'keys'" for extra_special_tokens);
+    both 4.57.1 and 5.19.0 read the rewritten one as the same tokenizer (ids, special tokens, chat template: checked
+    on the tiny model's tokenizer)."""
+    out = dict(cfg)
+    if out.get("tokenizer_class") == "TokenizersBackend":  # 5.x's name for a tokenizer.json-backed fast tokenizer
+        out["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if out.get("backend") == "tokenizers":
+        del out["backend"]
+    extra = out.get("extra_special_tokens")
+    if isinstance(extra, list):  # 4.x reads extra_special_tokens as a name -> token mapping; the list is 5.x's
+        del out["extra_special_tokens"]
+        known = list(out.get("additional_special_tokens") or [])
+        out["additional_special_tokens"] = known + [t for t in extra if t not in known]
+    return out
+
+
 def _copy_prequantized(
     p: ConvertParams, src: Path, out: Path, config: Mapping[str, Any], arch: str, pq: PreQuantized
 ) -> dict[str, Any]:
@@ -443,6 +476,7 @@ def _copy_prequantized(
     for name in names:
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
+    _tokenizer_format(out, p.tokenizer_format)
     log.info(
         "pre-quantized %s: %s, %d tensors in %d file(s), copied as stored", arch, pq.summary(), len(tensors), len(files)
     )
