@@ -159,3 +159,21 @@ def test_prompt_logprobs_come_once_with_delta_outputs() -> None:
     later = SimpleNamespace(**{**vars(first), "prompt_logprobs": []})
     assert _convert(first, 0, 1).prompt_logprobs[1].logprob == -1.0  # type: ignore[index,union-attr]
     assert _convert(later, 0, 1).prompt_logprobs is None
+
+
+def test_the_transformers_engine_refuses_a_transformers_below_its_floor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kiln's runtime installs beside transformers 4.57 (TensorRT-LLM's and Neuron's pin); the transformers engine
+    and the deepspeed engine built on it need 5.16 and say so before the server starts."""
+    import importlib.metadata
+
+    from runtime.engines import get
+    from runtime.engines.base import EngineSettings
+
+    settings = EngineSettings(model_dir=tmp_path)
+    assert get("transformers").check(settings) == []  # this environment's transformers (5.x)
+    monkeypatch.setattr(importlib.metadata, "version", lambda dist: "4.57.1")
+    for engine in ("transformers", "deepspeed"):
+        problems = get(engine).check(settings)
+        assert any("needs transformers>=5.16" in p and "has 4.57.1" in p for p in problems), (engine, problems)

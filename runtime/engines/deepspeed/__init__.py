@@ -54,7 +54,9 @@ def _check(s: EngineSettings) -> list[str]:
     from runtime.engines.base import EngineError
     from runtime.engines.deepspeed.engine import check_shardable, inference_config, split_extra
 
-    problems = []
+    from runtime.engines.transformers import SPEC as TRANSFORMERS
+
+    problems = TRANSFORMERS.check(s)  # the same batching manager, the same transformers floor
     for check in (lambda: inference_config(s, split_extra(s.extra)[0]), lambda: check_shardable(s)):
         try:
             check()

@@ -10,6 +10,10 @@ from runtime.engines.base import DEFAULT_CPU_KV_CACHE_GIB, Engine, EngineDefault
 
 # LMI's max_rolling_batch_size default for its backends other than vLLM and TensorRT-LLM.
 LMI_MAX_NUM_SEQS = 32
+# The continuous-batching manager this engine drives is transformers 5's. kiln's runtime itself reads tokenizers with
+# 4.57 too (the release TensorRT-LLM 1.2 and the Neuron SDK 2.29 pin), so the runtime extra allows it: this engine
+# checks its own floor.
+MIN_TRANSFORMERS = "5.16"
 
 
 def _create(settings: EngineSettings) -> Engine:
@@ -51,6 +55,20 @@ def _defaults(s: EngineSettings) -> dict[str, EngineDefault]:
     return out
 
 
+def _check(s: EngineSettings) -> list[str]:
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    have = version("transformers")
+    if Version(have) >= Version(MIN_TRANSFORMERS):
+        return []
+    return [
+        f"the transformers engine needs transformers>={MIN_TRANSFORMERS} (its continuous-batching manager); this "
+        f"environment has {have}: pip install 'transformers>={MIN_TRANSFORMERS}', or serve with another engine"
+    ]
+
+
 def _preload() -> None:
     import transformers.generation.continuous_batching  # noqa: F401
 
@@ -66,4 +84,5 @@ SPEC = EngineSpec(
     lmi_names=("scheduler",),  # LMI's HF-Accelerate rolling batch, whose successor is transformers' own
     preload=_preload,
     tasks=("generate", "embed"),
+    check=_check,
 )
