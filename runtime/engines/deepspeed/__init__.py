@@ -53,7 +53,6 @@ def _defaults(s: EngineSettings) -> dict[str, EngineDefault]:
 def _check(s: EngineSettings) -> list[str]:
     from runtime.engines.base import EngineError
     from runtime.engines.deepspeed.engine import check_shardable, inference_config, split_extra
-
     from runtime.engines.transformers import SPEC as TRANSFORMERS
 
     problems = TRANSFORMERS.check(s)  # the same batching manager, the same transformers floor
