@@ -93,6 +93,7 @@ BENCH_PARTS = {
     "multiproc_load": "tests.bench.multiproc_load",  # several replicas starting from one compile cache
     "s3_cold_start": "tests.bench.s3_cold_start",  # ~1 GiB from S3: kiln (prefix, artifact) vs runai streamer vs LMI
     "speculative": "tests.bench.speculative",  # n-gram speculation vs none on vLLM CPU: prompt-copying and fresh
+    "verify_share": "tests.bench.verify_share",  # hashing's share of a restart of a 1.5 GiB artifact, under the import
 }
 QUICK = ["serve", "s3"]  # what `-- --quick` runs (each with its own --quick); other parts come from earlier runs
 HAS_QUICK = {"serve", "s3", "cold_start"}

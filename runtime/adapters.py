@@ -23,6 +23,7 @@ from artifacts.errors import ArtifactError
 from artifacts.manifest import MANIFEST_NAME, Manifest
 from runtime.engines.base import AdapterRef, Engine, EngineRequestError
 from runtime.resolve import names_an_artifact, resolve
+from runtime.signatures import Trusted, load_trusted, trusted_signer
 
 log = logging.getLogger("kiln.runtime.adapters")
 SAGEMAKER_ROOT = Path("/opt/ml")  # where SageMaker places what it downloads for a container
@@ -76,6 +77,7 @@ class Adapters:
     max_rank: int
     roots: tuple[Path, ...]
     allow_pickle: bool = False
+    trusted: Trusted = field(default_factory=dict)  # trusted_keys: every adapter must be an artifact they signed
     _by_name: dict[str, Registered] = field(default_factory=dict)
     _in_flight: dict[int, int] = field(default_factory=dict)
     _retired: dict[int, Registered] = field(default_factory=dict)  # unregistered, still used by requests
@@ -85,10 +87,17 @@ class Adapters:
 
     @classmethod
     def create(
-        cls, engine: Engine, base: Base, max_rank: int, roots: Iterable[str], allow_pickle: bool = False
+        cls,
+        engine: Engine,
+        base: Base,
+        max_rank: int,
+        roots: Iterable[str],
+        allow_pickle: bool = False,
+        trusted_keys: Iterable[str] = (),
     ) -> Adapters:
         allowed = (SAGEMAKER_ROOT, base.path / "adapters", *(Path(r).expanduser() for r in roots))
-        return cls(engine, base, max_rank, tuple(_real(r) for r in allowed), allow_pickle)
+        trusted = load_trusted(trusted_keys)  # the server's start checked these files already
+        return cls(engine, base, max_rank, tuple(_real(r) for r in allowed), allow_pickle, trusted)
 
     # -- lookup --------------------------------------------------------------------------------------------
     def get(self, name: str) -> Registered | None:
@@ -210,6 +219,9 @@ class Adapters:
         model = resolve(src)
         if model.manifest is None or model.manifest.adapter is None:
             raise AdapterError(f"{src} names a model artifact, not a LoRA adapter artifact")
+        if self.trusted:
+            refresh = model.refresh_signatures if model.ref is not None else None
+            trusted_signer(model.path, model.manifest, self.trusted, f"adapter {src}", refresh)
         return model.path, model.manifest
 
     def _local(self, path: Path, src: str) -> tuple[Path, Manifest | None]:
@@ -222,9 +234,13 @@ class Adapters:
         if not real.is_dir():
             raise AdapterError(f"{src}: no such directory")
         if not (real / MANIFEST_NAME).is_file():
+            if self.trusted:  # a plain PEFT directory has nothing to sign
+                trusted_signer(real, None, self.trusted, f"adapter {src} (a plain PEFT directory)")
             return real, None
         manifest = ops.read_dir_manifest(real)
         ops.verify_dir(real, manifest)  # VerificationError names the first damaged file
+        if self.trusted:
+            trusted_signer(real, manifest, self.trusted, f"adapter {src}")
         return real, manifest
 
 

@@ -45,7 +45,6 @@ log = logging.getLogger("kiln.runtime")
 
 if TYPE_CHECKING:
     from artifacts.manifest import Manifest
-    from artifacts.signing import TrustedKey
 
 
 @dataclass(frozen=True)
@@ -168,38 +167,24 @@ class EngineImport:
 
 def signature_problems(model: ResolvedModel, trusted_keys: list[str]) -> list[str]:
     """With ``trusted_keys``, the model must be an artifact one of them signed (checked before any weight loads)."""
-    from artifacts import signing
+    from artifacts.signing import SigningError
+    from runtime.signatures import load_trusted, trusted_signer
 
     if not trusted_keys:
         return []
     try:
-        trusted = {k.id: k for k in (signing.load_public(Path(p).expanduser()) for p in trusted_keys)}
-    except signing.SigningError as exc:
+        trusted = load_trusted(trusted_keys)
+    except SigningError as exc:
         return [f"trusted_keys: {exc}"]
-    if model.manifest is None:
-        return [
-            f"trusted_keys is set, and {model.source} is a {model.kind} with no kiln manifest to sign: build it into "
-            "an artifact signed with publish.signing_key"
-        ]
     try:
-        signer = _trusted_signer(model, trusted)
-    except ArtifactError as exc:
+        refresh = model.refresh_signatures if model.ref is not None else None
+        what = model.source if model.manifest else f"{model.source} (a {model.kind})"
+        signer = trusted_signer(model.path, model.manifest, trusted, what, refresh)
+    except ArtifactError as exc:  # unsigned, untrusted, no manifest, or the store could not be read
         return [str(exc)]
+    assert model.manifest is not None
     log.info("artifact %s@%s is signed by trusted key %s", model.manifest.name, model.manifest.digest, signer)
     return []
-
-
-def _trusted_signer(model: ResolvedModel, trusted: Mapping[str, TrustedKey]) -> str:
-    from artifacts import signing
-
-    assert model.manifest is not None
-    try:
-        return signing.check(signing.read_dir(model.path), model.manifest.digest, trusted, model.source)
-    except signing.SignatureError:
-        if model.ref is None:
-            raise
-    model.refresh_signatures()  # the store may hold a signature made after this copy was pulled
-    return signing.check(signing.read_dir(model.path), model.manifest.digest, trusted, model.source)
 
 
 def with_speculation(plan: Plan, resolved: Resolved) -> tuple[Plan, list[str]]:
@@ -325,7 +310,9 @@ async def _startup_adapters(startup: Startup, engine: Engine, served: str) -> Ad
     folders (LMI registers those at load too); one that cannot be used stops the start, naming it."""
     cfg, model = startup.resolved.config, startup.model
     base = Base(served, model.path, model.manifest.digest if model.manifest else None)
-    registry = Adapters.create(engine, base, cfg.max_lora_rank, cfg.adapter_roots, cfg.allow_pickle)
+    registry = Adapters.create(
+        engine, base, cfg.max_lora_rank, cfg.adapter_roots, cfg.allow_pickle, trusted_keys=cfg.trusted_keys
+    )
     listed = dict(cfg.adapters)
     folder = model.path / "adapters"
     for sub in sorted(folder.iterdir()) if folder.is_dir() else []:

@@ -255,3 +255,43 @@ def test_a_plain_checkpoint_is_refused_when_signatures_are_required(tiny_dir: Pa
     with pytest.raises(ConfigError, match="no kiln manifest to sign"):
         configure_with_fake(tiny_dir, [], {"OPTION_TRUSTED_KEYS": str(pub(keys["a"]))}, engine="fake")
     assert configure_with_fake(tiny_dir, [], engine="fake").plan is not None  # without the requirement it serves
+
+
+@pytest.mark.integration
+def test_adapters_must_be_signed_too_when_signatures_are_required(
+    tiny_uri: str, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    import asyncio
+
+    from runtime.adapters import AdapterRequestError, Adapters, Base
+    from runtime.engines.base import EngineSettings
+    from tests.conftest import adapter_build
+    from tests.fake_engine.engine import FakeEngine
+
+    base_uri, adapter_uri = adapter_build("adapter.synth.seed=0")
+    assert base_uri == tiny_uri
+    adapter = str(ops.copy(parse_ref(adapter_uri), (tmp_path / "store").as_uri()))  # unsigned, in a store of its own
+    base_dir = tmp_path / "base"
+    ops.pull(parse_ref(tiny_uri), base_dir)
+    engine = FakeEngine(EngineSettings(model_dir=base_dir))
+    base = Base("tiny-llama", base_dir, ops.read_dir_manifest(base_dir).digest)
+    registry = Adapters.create(engine, base, 64, [str(tmp_path)], trusted_keys=[str(pub(keys["a"]))])
+    a_id = independent_id(pub(keys["a"]))
+
+    async def register(name: str, src: str) -> None:
+        await engine.start()
+        await registry.register(name, src)
+
+    with pytest.raises(AdapterRequestError) as unsigned:
+        asyncio.run(register("lora", adapter))
+    assert unsigned.value.status == 400
+    assert f"expected a signature by {a_id}" in unsigned.value.message
+    plain = tmp_path / "plain-peft"
+    ops.pull(parse_ref(adapter), plain)
+    (plain / "manifest.json").unlink()
+    with pytest.raises(AdapterRequestError, match="plain PEFT directory"):
+        asyncio.run(register("plain", str(plain)))
+
+    ops.sign(parse_ref(adapter), keys["a"])
+    asyncio.run(register("lora", adapter))
+    assert registry.get("lora") is not None
