@@ -271,16 +271,16 @@ def chat_template(resolved: Resolved) -> str | None:
 
 
 async def load_service(startup: Startup, metrics: Metrics) -> ModelService:
-    from transformers import AutoTokenizer
-
     model, plan, cfg = startup.model, startup.plan, startup.resolved.config
-    engine = plan.spec.create(plan.settings)
+    # Importing the engine's module and transformers takes seconds on a first start: in a thread, so the event loop
+    # keeps answering /ping (503 while the engine loads) instead of leaving probes unanswered.
+    engine = await asyncio.to_thread(plan.spec.create, plan.settings)
     if model.weights is not None:  # import the engine's libraries while the weights finish downloading
         log.info("importing the %s engine while the weights download", plan.spec.name)
         await asyncio.gather(asyncio.to_thread(plan.spec.preload), asyncio.to_thread(model.weights.wait))
     log.info("starting %s engine for %s on %s", plan.spec.name, model.name, plan.settings.device)
     await engine.start()
-    tokenizer = AutoTokenizer.from_pretrained(str(model.path))
+    tokenizer = await asyncio.to_thread(_tokenizer, model.path)
     served = cfg.served_model_name or model.name
     loras = await _startup_adapters(startup, engine, served) if cfg.enable_lora else None
     return ModelService(
@@ -303,6 +303,12 @@ async def load_service(startup: Startup, metrics: Metrics) -> ModelService:
         adapters=loras,
         task=plan.settings.task,
     )
+
+
+def _tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 async def _startup_adapters(startup: Startup, engine: Engine, served: str) -> Adapters:

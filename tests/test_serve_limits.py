@@ -179,6 +179,53 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_dir: Path, tmp_path
     assert "Traceback" not in srv.logs()
 
 
+def test_ping_answers_503_throughout_the_load_and_sigterm_then_stops_it(tiny_dir: Path, tmp_path: Path) -> None:
+    """From the moment the server listens, every probe gets an answer (503 while the engine loads, 200 after): the
+    imports and the engine's construction run off the event loop. SIGTERM during the load stops the process at once,
+    exit 0. (Before, the first start's imports blocked the loop: probes with a 1 s timeout went unanswered for 6 s.)"""
+    from tests.conftest import launch_fake
+
+    srv = launch_fake("serve", str(tiny_dir), tmp_path, "--option", "load_delay_s=8")
+    try:
+        deadline = time.monotonic() + 120
+        while "listening on" not in srv.logs():
+            assert srv.proc.poll() is None, srv.logs()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        codes, unanswered = [], 0
+        while time.monotonic() < deadline and 200 not in codes[-1:]:
+            try:
+                codes.append(httpx.get(srv.base + "/ping", timeout=1).status_code)
+            except httpx.TransportError:  # refused or timed out: the server said it listens, and does not answer
+                unanswered += 1
+            time.sleep(0.2)
+        assert unanswered == 0, f"{unanswered} probes unanswered within 1 s; answered: {codes}"
+        assert codes[0] == 503, codes
+        assert codes[-1] == 200, codes
+    finally:
+        srv.stop(signal.SIGKILL)
+
+    again = launch_fake("serve", str(tiny_dir), tmp_path, "--option", "load_delay_s=60")
+    try:
+        while httpx_code(again.base + "/ping") != 503:
+            assert again.proc.poll() is None, again.logs()[-3000:]
+            time.sleep(0.1)
+        stopped = time.monotonic()
+        again.proc.send_signal(signal.SIGTERM)  # mid-load
+        assert again.proc.wait(timeout=30) == 0, again.logs()[-3000:]
+        assert time.monotonic() - stopped < 15  # not after the 60 s load
+    finally:
+        again.stop(signal.SIGKILL)
+    assert "Traceback" not in again.logs()
+
+
+def httpx_code(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=1).status_code
+    except httpx.TransportError:
+        return None
+
+
 def test_engine_death_turns_ping_503_and_exits_non_zero(tiny_dir: Path, tmp_path: Path) -> None:
     srv = start_fake_process(tiny_dir, tmp_path)
     try:

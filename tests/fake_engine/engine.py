@@ -48,10 +48,9 @@ class FakeEngine:
         self.spec_counts = [0, 0, 0]  # n-gram speculation since start: drafts, draft tokens, accepted tokens
 
     async def start(self) -> None:
-        from transformers import AutoTokenizer
-
         await asyncio.sleep(float(self.settings.extra.get("load_delay_s", 0.0)))
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.settings.model_dir))
+        # in a thread, as the real engines load: the server's event loop keeps answering /ping meanwhile
+        self.tokenizer = await asyncio.to_thread(_tokenizer, str(self.settings.model_dir))
         self.vocab = len(self.tokenizer)
 
     def validate(self, spec: SamplingSpec) -> None:
@@ -220,6 +219,12 @@ class _Seq:
     def abort(self) -> SeqDelta:
         self.done = True
         return SeqDelta(self.index, "", (), "abort", None)
+
+
+def _tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _lookup(ctx: list[int], lo: int, hi: int, k: int) -> list[int]:
