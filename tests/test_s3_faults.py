@@ -79,6 +79,32 @@ def test_no_permission_and_rejected_credentials(published: str, iam_user: dict[s
     fails_cleanly(proc, "rejected the AWS credentials (InvalidAccessKeyId)")
 
 
+def test_a_role_that_may_only_get_objects_pulls(published: str, moto_s3: MotoS3, tmp_path: Path) -> None:
+    """Pulling needs s3:GetObject only: the signature listing a pull does (artifacts/signing.py) falls back to
+    "unsigned" where s3:ListBucket is denied, saying so, instead of failing the pull."""
+    import json
+
+    import boto3
+
+    bucket = published.split("/")[2]
+    iam = boto3.session.Session().client("iam", endpoint_url=moto_s3.endpoint)
+    user = f"kiln-reader-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    policy = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/*"}]}  # fmt: skip
+    iam.put_user_policy(UserName=user, PolicyName="get-only", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    env = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"], **LOUD}
+    moto_s3.set_auth(True)
+    try:
+        proc = run_cli("artifacts", "pull", published, str(tmp_path / "out"), env=env)
+    finally:
+        moto_s3.set_auth(False)
+    assert proc.returncode == 0, proc.stderr
+    assert "treating the artifact as unsigned" in proc.stderr
+    assert (tmp_path / "out" / "manifest.json").is_file()
+
+
 def test_wrong_endpoint_and_wrong_region(published: str) -> None:
     port = free_port()
     closed = f"http://proxyuser:proxy-password-1234@127.0.0.1:{port}"  # userinfo in the URL must not show either
