@@ -103,7 +103,8 @@ class FaultProxy:
     """A TCP proxy on loopback: counts bytes sent upstream, and can cut connections or slow them down.
 
     ``cut_after``: reset any connection once it has carried this many bytes upstream (``cuts`` times; -1 for
-    every connection). ``rate``: upstream bytes per second. ``requests``: the request lines seen
+    every connection). ``rate``: upstream bytes per second; ``down_rate``: downstream (responses) bytes per second.
+    ``requests``: the request lines seen
     (``GET /bucket/key?…``), to prove what a client did or did not fetch.
     """
 
@@ -111,6 +112,7 @@ class FaultProxy:
     cut_after: int | None = None
     cuts: int = -1
     rate: float | None = None
+    down_rate: float | None = None
     sent: int = 0
     resets: int = 0
     requests: list[str] = field(default_factory=list)
@@ -126,7 +128,7 @@ class FaultProxy:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def heal(self) -> None:
-        self.cut_after, self.rate = None, None
+        self.cut_after, self.rate, self.down_rate = None, None, None
 
     def close(self) -> None:
         self._stop.set()
@@ -140,7 +142,7 @@ class FaultProxy:
                 continue
             server = socket.create_connection(("127.0.0.1", self.upstream))
             threading.Thread(target=self._pump_up, args=(client, server), daemon=True).start()
-            threading.Thread(target=_pump, args=(server, client), daemon=True).start()
+            threading.Thread(target=self._pump_down, args=(server, client), daemon=True).start()
 
     def _pump_up(self, src: socket.socket, dst: socket.socket) -> None:
         carried = 0
@@ -162,6 +164,16 @@ class FaultProxy:
             pass
         _close(src, dst)
 
+    def _pump_down(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                if self.down_rate:
+                    time.sleep(len(data) / self.down_rate)
+                dst.sendall(data)
+        except OSError:
+            pass
+        _close(src, dst)
+
     def _take_cut(self) -> bool:
         with self._lock:
             if self.cuts == 0:
@@ -169,15 +181,6 @@ class FaultProxy:
             self.cuts -= 1 if self.cuts > 0 else 0
             self.resets += 1
             return True
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    _close(src, dst)
 
 
 def _reset(sock: socket.socket) -> None:
