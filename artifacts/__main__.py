@@ -77,7 +77,9 @@ def cmd_push(args: argparse.Namespace) -> int:
     if src.is_dir():
         manifest = ops.read_dir_manifest(src)
         ops.verify_files(src, manifest.files, contents=False)  # publishing hashes every byte it uploads
-        ref = ops.publish(src, manifest, normalize_store_uri(args.dest), tags=args.tag)
+        # the directory's signatures go with it (those of this manifest: a signature is checked where it is used)
+        docs = [d for d in signing.read_dir(src) if signing.doc_manifest(d) == manifest.digest]
+        ref = ops.publish(src, manifest, normalize_store_uri(args.dest), tags=args.tag, signature_docs=docs)
     else:
         ref = ops.copy(_ref(args.src), normalize_store_uri(args.dest), tags=args.tag)
     print(ref)

@@ -149,9 +149,10 @@ def publish(
     tags: Iterable[str] = (),
     record: Mapping[str, Any] | None = None,
     signing_key: Path | None = None,
+    signature_docs: Iterable[bytes] = (),
 ) -> ArtifactRef:
-    """Upload what the store lacks, then the manifest, its signature (with ``signing_key``), then the tags. Safe to
-    re-run after a failure."""
+    """Upload what the store lacks, then the manifest, its signatures (made with ``signing_key``, and
+    ``signature_docs`` carried from elsewhere, e.g. a pulled directory), then the tags. Safe to re-run."""
     tags = [check_tag(t) for t in tags]  # before any upload: a bad tag must not leave a half-published artifact
     signer = signing.load_private(signing_key) if signing_key is not None else None  # a bad key fails before uploads
     store = open_store(store_uri)
@@ -162,7 +163,8 @@ def publish(
         start = time.monotonic()
         with byte_progress(total, f"publish {manifest.name}", log) as advance:
             list(pool.map(lambda e: store.put_blob(e.sha256, directory / e.path, e.size, advance), missing))
-    ref = _finish(store, manifest, tags, record, [signing.sign(manifest.digest, signer)] if signer else [])
+    docs = [*signature_docs, *([signing.sign(manifest.digest, signer)] if signer else [])]
+    ref = _finish(store, manifest, tags, record, docs)
     _log_rate("published", ref, total, start)
     return ref
 

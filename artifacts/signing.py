@@ -153,6 +153,11 @@ def doc_key(doc: bytes) -> str:
     return _parse(doc)["key"]
 
 
+def doc_manifest(doc: bytes) -> str:
+    """The manifest digest a signature document claims to sign; SignatureError when malformed."""
+    return _parse(doc)["manifest"]
+
+
 def check(docs: Iterable[bytes], manifest_digest: str, trusted: Mapping[str, TrustedKey], what: str) -> str:
     """The id of a trusted key whose signature over ``manifest_digest`` is among ``docs``; SignatureError naming the
     keys expected and what was found otherwise. ``what`` names the artifact in the message."""

@@ -155,6 +155,10 @@ def test_signatures_travel_with_pull_and_copy_and_verify_checks_them(
     ok_dir = run_cli("artifacts", "verify", str(pulled), "--trusted-key", str(pub(keys["a"])))
     assert ok_dir.returncode == 0, ok_dir.stderr
     assert f"signed by {a_id}" in ok_dir.stdout
+    pushed = run_cli("artifacts", "push", str(pulled), (tmp_path / "three").as_uri())
+    assert pushed.returncode == 0, pushed.stderr
+    again = run_cli("artifacts", "verify", pushed.stdout.strip(), "--trusted-key", str(pub(keys["a"])))
+    assert again.returncode == 0, again.stderr  # a pushed directory keeps its signatures
     wrong = run_cli("artifacts", "verify", str(pulled), "--trusted-key", str(pub(keys["b"])))
     assert wrong.returncode == 1
     assert f"{a_id} (not a trusted key)" in wrong.stderr
