@@ -54,8 +54,10 @@ def server_state(base: str, proc: psutil.Process) -> dict[str, float]:
 
 async def client(http: httpx.AsyncClient, until: float, tally: Tally) -> None:
     while time.monotonic() < until:
+        stage = "before the response"
         try:
             async with http.stream("POST", "/v1/completions", json=BODY) as resp:
+                stage = f"in a {resp.status_code} body"
                 if resp.status_code == 503:
                     await resp.aread()
                     tally.outcomes["503"] += 1
@@ -67,7 +69,7 @@ async def client(http: httpx.AsyncClient, until: float, tally: Tally) -> None:
             if not complete and len(tally.failures) < 5:
                 tally.failures.append(f"{resp.status_code}: {body[-200:]!r}")
         except httpx.HTTPError as exc:
-            tally.outcomes[type(exc).__name__] += 1
+            tally.outcomes[f"{type(exc).__name__} {stage}"] += 1
             if len(tally.failures) < 5:
                 tally.failures.append(repr(exc))
 

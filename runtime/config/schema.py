@@ -90,6 +90,13 @@ class ServeConfig(BaseModel):
     tgi_compat: bool = Field(False, description="LMI responses in TGI's form (array, SSE streaming)")
     chat_template: str | None = Field(None, description="Jinja chat template (a file or the template text)")
     graceful_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
+    timeout_keep_alive: float = Field(
+        75.0,
+        gt=0,
+        description="seconds an idle keep-alive connection stays open (vLLM: --timeout-keep-alive, 5 by default); "
+        "longer than the 60 s idle timeout of SageMaker's and AWS load balancers' front ends, so the server never "
+        "closes a connection a client or proxy is about to reuse",
+    )
     ignore_compile_cache: bool = Field(
         False,
         description="serve a precompiled artifact without its compile cache where its target.compile key does not "
