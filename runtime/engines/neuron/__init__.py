@@ -104,8 +104,9 @@ class _Compile:
 
 
 def _preload() -> None:
-    import vllm.engine.arg_utils
-    import vllm.v1.engine.async_llm  # noqa: F401
+    from runtime.engines.vllm import SPEC as VLLM
+
+    VLLM.preload()  # the plugin runs inside vLLM: the same import
 
 
 SPEC = EngineSpec(
