@@ -208,8 +208,12 @@ class Adapters:
     def _locate(self, src: str) -> tuple[Path, Manifest | None]:
         """A local directory (under an allowed root, verified when it holds a manifest) or an artifact URI."""
         local = Path(src).expanduser()
-        if local.exists() or src.startswith(("/", "./", "../", "~")):
-            return self._local(local, src)
+        try:
+            if local.exists() or src.startswith(("/", "./", "../", "~")):
+                return self._local(local, src)
+        except (OSError, ValueError) as exc:  # a path the OS will not look up: too long, or a NUL byte in it
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise AdapterError(f"src is not a usable path ({why})") from None
         if src.startswith("s3://") and not names_an_artifact(src):
             raise AdapterError(
                 f"{src} is an S3 prefix; an s3:// src must name a kiln adapter artifact (…/<name>:<tag> or "

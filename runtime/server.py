@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime.api import adapters, embeddings, lmi, openai, tokenize
@@ -350,6 +351,17 @@ async def _invoke(svc: ModelService, request: Request) -> Any:
 _UNION_TAG = re.compile(r"(str|int|float|bool|list\[.*\]|dict\[.*\])")
 
 
+def _allowed(app: FastAPI, request: Request) -> str:
+    """Every method of the routes matching the path (RFC 9110's Allow). Starlette's 405 names only the first
+    matching route's, and a path can have several: GET and POST /adapters are two routes."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
 def _validation_error(errors: Any) -> APIError:
     parts, first = [], None
     for err in errors:
@@ -383,7 +395,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return render(
             request,
             APIError(405, f"{request.method} is not allowed on {request.url.path}", kind="MethodNotAllowedError"),
-            headers=getattr(exc, "headers", None),  # Starlette's: Allow, the path's methods (RFC 9110)
+            headers={"Allow": _allowed(app, request)},
         )
 
     @app.exception_handler(StarletteHTTPException)

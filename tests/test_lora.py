@@ -289,6 +289,70 @@ def test_bad_management_arguments_are_400(server: FakeServer, params: dict[str, 
     assert reason in r.json()["error"], r.text
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"name": 5, "src": "/opt/ml/x"}, "name"),
+        ({"name": ["a"], "src": "/opt/ml/x"}, "name"),
+        ({"name": "x", "src": {"path": "/opt/ml/x"}}, "src"),
+        ({"name": "x", "src": 7}, "src"),
+        ({"name": "x", "src": "/opt/ml/x", "pin": [True]}, "pin"),
+    ],
+)
+def test_a_json_field_of_the_wrong_type_is_400_naming_it(server: FakeServer, body: dict[str, Any], param: str) -> None:
+    r = httpx.post(server.base + "/adapters", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["param"] == param, r.text
+
+
+@pytest.mark.parametrize("src", ["/opt/ml/" + "x" * 5000, "/opt/ml/a\x00b", "x" * 300])
+def test_an_unusable_src_path_is_400_naming_src(server: FakeServer, src: str) -> None:
+    """A path the OS refuses to look at (too long, a NUL byte) is the client's mistake, not a 500."""
+    r = httpx.post(server.base + "/adapters", json={"name": "x", "src": src}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["param"] == "src", r.text
+    assert httpx.get(server.base + "/ping", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/v1/load_lora_adapter", {"lora_name": 5, "lora_path": "/opt/ml/x"}, "lora_name"),
+        ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": ["/opt/ml/x"]}, "lora_path"),
+        ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/opt/ml/x", "load_inplace": [True]}, "load_inplace"),
+        ("/v1/unload_lora_adapter", {"lora_name": {"a": 1}}, "lora_name"),
+    ],
+)
+def test_vllm_routes_refuse_a_field_of_the_wrong_type(
+    server: FakeServer, route: str, body: dict[str, Any], param: str
+) -> None:
+    """vLLM's pydantic request models refuse these (400); kiln does too rather than reading str(value)."""
+    r = httpx.post(server.base + route, json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.text
+    assert "must be" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize(
+    ("path", "methods"),
+    [("/adapters", {"GET", "POST"}), ("/adapters/lora0", {"GET", "DELETE"})],
+)
+def test_405_allow_lists_every_method_of_the_path(server: FakeServer, path: str, methods: set[str]) -> None:
+    """A path served by several routes (GET and POST /adapters are two) allows all their methods (RFC 9110)."""
+    r = httpx.request("PUT", server.base + path, timeout=30)
+    assert r.status_code == 405, r.text
+    assert set(r.headers["allow"].split(", ")) == methods, r.headers
+
+
+def test_an_update_with_an_empty_src_is_400_and_keeps_the_adapter(server: FakeServer) -> None:
+    model = httpx.get(server.base + "/v1/models", timeout=10).json()["data"][0]["id"]
+    before = httpx.get(server.base + "/adapters/lora0", timeout=30).json()
+    r = httpx.post(f"{server.base}/models/{model}/adapters/lora0/update", json={"src": ""}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["param"] == "src", r.text
+    assert httpx.get(server.base + "/adapters/lora0", timeout=30).json() == before
+
+
 def test_registering_a_name_twice_is_409(server: FakeServer, roots: Path) -> None:
     r = httpx.post(server.base + "/adapters", params={"name": "lora0", "src": str(roots / "lora1")}, timeout=30)
     assert r.status_code == 409, r.text

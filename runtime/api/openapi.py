@@ -28,6 +28,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from runtime.api import responses as r
+from runtime.api.adapters import NAMED_BY, REQUEST_SCHEMAS
 from runtime.api.embeddings import EmbeddingRequest
 from runtime.api.protocol import ChatCompletionRequest, CompletionRequest, LmiRequest
 from runtime.api.tokenize import TOKENIZE_SCHEMAS, DetokenizeRequest
@@ -58,6 +59,9 @@ RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     r.LmiStreamLine,
     r.EmbeddingResponse,
     r.Health,
+    r.AdapterInfo,
+    r.AdapterList,
+    r.AdapterStatus,
 )
 # Which key picks which schema on /invocations (server._invoke) and /tokenize (tokenize.tokenize_request).
 INVOKE_KEYS = {"ChatCompletionRequest": "messages", "CompletionRequest": "prompt", "LmiRequest": "inputs"}
@@ -107,6 +111,7 @@ ERROR_TEXT = {
     "400": "invalid request; `param` names the field",
     "404": "unknown model, or no such route",
     "408": "predict_timeout exceeded",
+    "409": "an adapter of that name is already registered",
     "413": "the body is larger than max_request_size",
     "424": "the engine failed the request",
     "500": "internal error",
@@ -191,6 +196,7 @@ def _responses() -> dict[tuple[str, str], dict[str, Any]]:
     }
     service = _errors(("500", "503"))
     return {
+        **_adapter_responses(),
         ("/ping", "get"): {
             "200": {"description": "healthy", "content": _json(_ref("Health"))},
             "503": {"description": "loading, failed or dead", "content": _json(_ref("Health"))},
@@ -226,6 +232,33 @@ def _responses() -> dict[tuple[str, str], dict[str, Any]]:
             **service,
         },
     }
+
+
+def _adapter_responses() -> dict[tuple[str, str], dict[str, Any]]:
+    """runtime/api/adapters.py: LMI's error body there (errors name ``param``), OpenAI's on vLLM's two routes."""
+
+    def ok(description: str, schema: str) -> dict[str, Any]:
+        return {"200": {"description": description, "content": _json(_ref(schema))}}
+
+    def text(description: str) -> dict[str, Any]:
+        return {"200": {"description": description, "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+    register = {**ok("registered", "AdapterStatus"), **_errors(("400", "404", "409", "413", "500", "503"), lmi=True)}
+    one = {"404": _error("no adapter (or model) of that name", lmi=True), **_errors(("500", "503"), lmi=True)}
+    listed = {**ok("the registered adapters", "AdapterList"), **_errors(("404", "500", "503"), lmi=True)}
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for prefix in ("", "/models/{model_name}"):
+        out[(f"{prefix}/adapters", "post")] = register
+        out[(f"{prefix}/adapters", "get")] = listed
+        out[(f"{prefix}/adapters/{{name}}", "get")] = {**ok("the adapter", "AdapterInfo"), **one}
+        out[(f"{prefix}/adapters/{{name}}", "delete")] = {**ok("unregistered", "AdapterStatus"), **one}
+    out[("/models/{model_name}/adapters/{name}/update", "post")] = {
+        **ok("updated (requests using the old one finish with it)", "AdapterStatus"),
+        **_errors(("400", "404", "413", "500", "503"), lmi=True),
+    }
+    out[("/v1/load_lora_adapter", "post")] = {**text("Success: …"), **_errors(("400", "413", "500", "503"))}
+    out[("/v1/unload_lora_adapter", "post")] = {**text("Success: …"), **_errors(("400", "404", "413", "500", "503"))}
+    return out
 
 
 _CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
@@ -577,6 +610,14 @@ def _add_models(components: dict[str, Any], models: Iterable[tuple[str, type[Bas
         components[name] = schema
 
 
+def _adapter_requests(components: dict[str, Any], svc: Any | None) -> None:
+    for name, schema in REQUEST_SCHEMAS.items():
+        components[name] = copy.deepcopy(schema)
+        if svc is not None and name in NAMED_BY:  # the base model's name is refused as an adapter's
+            field = components[name]["properties"][NAMED_BY[name]]
+            field["not"] = {"const": svc.served_name}
+
+
 # The routes only one task's models answer (the others refuse with a 400 naming the task): left out of the document
 # of a server whose model is for the other task.
 TASK_PATHS = {"generate": ("/v1/chat/completions", "/v1/completions"), "embed": ("/v1/embeddings",)}
@@ -594,6 +635,8 @@ def build(app: FastAPI, svc: Any | None) -> dict[str, Any]:
     requests: dict[str, type[BaseModel]] = {**SCHEMAS, **TOKENIZE_SCHEMAS, "DetokenizeRequest": DetokenizeRequest}
     _add_models(components, requests.items(), "validation")
     _add_models(components, ((m.__name__, m) for m in RESPONSE_MODELS), "serialization")
+    if any(path.startswith("/adapters") for path in doc.get("paths", {})):
+        _adapter_requests(components, svc)
     constrain(components, live_facts(svc) if svc is not None else None)
     declared = _responses()
     for path, ops in doc.get("paths", {}).items():

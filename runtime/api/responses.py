@@ -247,6 +247,32 @@ class Health(_Open):
     error: str | None = None
 
 
+# -- LoRA adapter management (runtime/api/adapters.py) ----------------------------------------------------------
+
+
+class AdapterInfo(_Open):
+    name: str
+    src: str
+    pin: bool
+    preload: bool
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    dtype: str | None = None
+    digest: str | None = None
+
+
+class AdapterList(_Open):
+    adapters: list[AdapterInfo]
+
+
+class AdapterStatus(_Open):
+    """LMI's ``status`` and SageMaker's standards' ``message``: the same text under both names."""
+
+    status: str
+    message: str
+
+
 # -- vLLM routes kiln does not serve ---------------------------------------------------------------------------
 
 _GENERATION = (
