@@ -3,6 +3,7 @@ without effect, and key canonicalization (``option.Max_Rolling_Batch_Size`` -> `
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -16,8 +17,8 @@ ALIASES: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
     "max_rolling_batch_size": ("max_num_seqs", None),
     "tensor_parallel_size": ("tensor_parallel_degree", None),
     "rolling_batch": ("engine", lambda v: rolling_batch(str(v))),
-    "kv_cache_memory_bytes": ("kv_cache_gib", lambda v: float(v) / GIB),
-    "max_request_size_mb": ("max_request_size", lambda v: int(float(v) * (1 << 20))),  # SAGEMAKER_MAX_PAYLOAD_IN_MB
+    "kv_cache_memory_bytes": ("kv_cache_gib", lambda v: finite(v) / GIB),
+    "max_request_size_mb": ("max_request_size", lambda v: int(finite(v) * (1 << 20))),  # SAGEMAKER_MAX_PAYLOAD_IN_MB
     # engine-native settings with an LMI name: they pass through under vLLM's name
     "quantize": ("quantization", None),
     "max_rolling_batch_prefill_tokens": ("max_num_batched_tokens", None),
@@ -91,6 +92,14 @@ IGNORED: dict[str, str] = {
     "management_address": "the adapter routes share the inference address",
     "prometheus": "/metrics is always served",
 }
+
+
+def finite(value: Any) -> float:
+    """A number for a unit conversion: NaN and infinities are refused (ValueError), not converted."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{value!r} is not a finite number")
+    return number
 
 
 def canonical(key: str) -> str:

@@ -31,6 +31,7 @@ from runtime.config.schema import (
     Entry,
     Origin,
     Resolved,
+    shown,
 )
 from runtime.config.sources import Sources
 from runtime.config.validate import check_native, check_target, validate, validate_valid
@@ -107,9 +108,10 @@ def _merge_layer(layer: list[Entry], problems: list[str], ignored: list[tuple[Or
         if prev is None or entry.rank > prev.rank:
             out[entry.key] = entry
         elif entry.rank == prev.rank and str(prev.value) != str(entry.value):
+            first, second = shown(entry.key, prev.value), shown(entry.key, entry.value)
             problems.append(
-                f"{prev.origin}={prev.value!r} and {entry.origin.name}={entry.value!r} set the same setting "
-                f"({entry.key}) to different values; keep one"
+                f"{prev.origin}={first} and {entry.origin.name}={second} set the same setting ({entry.key}) to "
+                "different values; keep one"
             )
     return out
 
@@ -126,7 +128,7 @@ def _normalize(entry: Entry, problems: list[str], ignored: list[tuple[Origin, st
         if str(value).startswith("djl_python"):
             ignored.append((entry.origin, "LMI's built-in handler; kiln's routes replace it"))
         else:
-            problems.append(f"{entry.origin}={value!r}: custom handler modules are not supported")
+            problems.append(f"{entry.origin}={shown(key, value)}: custom handler modules are not supported")
         return None
     if key == "batch_size":
         _lmi_mode(entry, problems, ignored)
@@ -135,7 +137,7 @@ def _normalize(entry: Entry, problems: list[str], ignored: list[tuple[Origin, st
         task = TASK_NAMES.get(str(value).strip().lower())
         if task is None:
             known = ", ".join(TASK_NAMES)
-            problems.append(f"{entry.origin}={value!r}: this task is not supported; kiln serves {known}")
+            problems.append(f"{entry.origin}={shown(key, value)}: this task is not supported; kiln serves {known}")
             return None
         value = task
     if key in ("tensor_parallel_degree", "tensor_parallel_size") and str(value).strip().lower() == "max":
@@ -146,8 +148,8 @@ def _normalize(entry: Entry, problems: list[str], ignored: list[tuple[Origin, st
         if convert is not None:
             try:
                 value = convert(value)
-            except (TypeError, ValueError):
-                problems.append(f"{entry.origin}={value!r}: not a valid value")
+            except (TypeError, ValueError, OverflowError):
+                problems.append(f"{entry.origin}={shown(key, value)}: not a valid value")
                 return None
         if key == "engine" and value is None:
             ignored.append((entry.origin, "the engine comes from the artifact's target block"))
@@ -162,7 +164,9 @@ def _lmi_mode(entry: Entry, problems: list[str], ignored: list[tuple[Origin, str
     if str(entry.value).strip().lower() == "1":
         ignored.append((entry.origin, "requests are batched by the engine"))
     else:
-        problems.append(f"{entry.origin}={entry.value!r}: dynamic batching is not supported; the engine batches")
+        problems.append(
+            f"{entry.origin}={shown(entry.key, entry.value)}: dynamic batching is not supported; the engine batches"
+        )
 
 
 def _engine_name(known: dict[str, Entry], target: Target | None) -> str:
@@ -180,5 +184,5 @@ def _parse_scalar(value: Any) -> Any:
         return text.lower() == "true"
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: arrays nested beyond the parser's stack
         return text

@@ -28,7 +28,22 @@ class ConfigError(KilnError):
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
-        super().__init__("cannot start the server:\n" + "\n".join(f"  - {p}" for p in problems))
+        listed = [f"  - {p}" for p in problems[:MAX_LISTED]]
+        if len(problems) > MAX_LISTED:  # a file of 100 000 bad lines: the first ones say what is wrong
+            listed.append(f"  … and {len(problems) - MAX_LISTED} more problems of the same sources")
+        super().__init__("cannot start the server:\n" + "\n".join(listed))
+
+
+MAX_LISTED = 40
+SHOWN_CHARS = 80
+
+
+def shown(key: str, value: Any) -> str:
+    """A value as an error message quotes it: a secret setting's masked, a long one cut to its start."""
+    if key in SECRET_FIELDS:
+        return "'***'"
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}… ({len(text)} characters)"
 
 
 SECRET_FIELDS = frozenset({"api_key"})  # shown as "***" wherever settings are printed (`runtime config`, logs)

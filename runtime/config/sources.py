@@ -4,29 +4,48 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runtime.config.aliases import ENV_ALIASES, HOST_HINTS, canonical
-from runtime.config.schema import PROPERTIES, Entry, Origin
+from runtime.config.schema import PROPERTIES, ConfigError, Entry, Origin, shown
 
 
 def read_properties(path: Path) -> list[Entry]:
     """``serving.properties``: Java-properties lines ``key=value`` (``#``/``!`` comments, ``:`` also separates)."""
     entries = []
-    for n, raw in enumerate(path.read_text().splitlines(), 1):
+    for n, raw in enumerate(_text(path).splitlines(), 1):
         line = raw.strip()
         if not line or line[0] in "#!":
             continue
         sep = min((i for i in (line.find("="), line.find(":")) if i >= 0), default=-1)
         if sep < 0:
-            entries.append(Entry("", None, Origin(PROPERTIES, f"line {n}: {line!r} (expected key=value)")))
+            entries.append(Entry("", None, Origin(PROPERTIES, f"line {n}: {shown('', line)} (expected key=value)")))
             continue
         key, value = line[:sep].strip(), line[sep + 1 :].strip()
+        if CONTROL.search(line):  # a NUL would reach a path or the engine; no setting holds control characters
+            where = f"line {n}: {shown('', line)}"
+            entries.append(Entry("", None, Origin(PROPERTIES, f"{where} holds a control character; remove it")))
+            continue
         entries.append(Entry(canonical(key), value, Origin(PROPERTIES, key)))
     return entries
+
+
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            [f"{path.name} line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 text; save the file as UTF-8"]
+        ) from None
 
 
 def read_env(env: Mapping[str, str]) -> tuple[list[Entry], list[Entry]]:
@@ -73,7 +92,7 @@ def cli_entries(values: Mapping[str, Any], options: list[str]) -> list[Entry]:
     for item in options:
         key, sep, value = item.partition("=")
         if not sep:
-            entries.append(Entry("", None, Origin("cli", f"--option {item!r} (expected KEY=VALUE)")))
+            entries.append(Entry("", None, Origin("cli", f"--option {shown('', item)} (expected KEY=VALUE)")))
         else:
             entries.append(Entry(canonical(key), value, Origin("cli", f"--option {key.strip()}")))
     return entries

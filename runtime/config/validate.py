@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from artifacts.manifest import Target
-from runtime.config.schema import Entry, Origin, ServeConfig
+from runtime.config.schema import Entry, Origin, ServeConfig, shown
 
 
 def check_native(
@@ -37,7 +37,7 @@ def validate(values: dict[str, Any], known: dict[str, Entry], problems: list[str
         for err in exc.errors():
             key = str(err["loc"][0]) if err["loc"] else "?"
             where = known[key].origin if key in known else Origin("default", "")
-            problems.append(f"{where}={values.get(key)!r}: {err['msg']}")
+            problems.append(f"{where}={shown(key, values.get(key))}: {err['msg']}")
         return None
 
 
