@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 import re
 import secrets
@@ -33,6 +32,7 @@ from runtime.api import adapters, embeddings, lmi, openai, tokenize
 from runtime.api.openapi import TOKENIZE_KEYS, body_doc, install_openapi, union_body
 from runtime.api.protocol import ChatCompletionRequest, CompletionRequest, LmiRequest
 from runtime.api.responses import not_served
+from runtime.api.wire import loads_body
 from runtime.engines.base import EngineDeadError, EngineStats
 from runtime.errors import APIError
 from runtime.metrics import CONTENT_TYPE, Metrics
@@ -281,10 +281,7 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _json_body(request: Request) -> Any:
-    try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"the request body is not valid JSON: {exc}") from exc
+    return loads_body(await request.body())
 
 
 def _parse(model: type[M], body: Any) -> M:

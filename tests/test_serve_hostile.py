@@ -109,3 +109,37 @@ def test_absurd_numbers_are_never_5xx(server: FakeServer, body: dict[str, object
         assert r.status_code == 400
         assert r.json()["error"]["param"] == param
     assert httpx.get(server.base + "/ping", timeout=10).status_code == 200
+
+
+NESTED = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/invocations", "/tokenize"])
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"prompt": ' + NESTED + b', "max_tokens": 2}', "nested"),
+        (b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", "digits"),
+        (b'{"prompt": "hi", "max_tokens": 2, "temperature": NaN}', "NaN"),
+        (b'{"prompt": "hi", "max_tokens": 2, "logit_bias": {"5": -Infinity}}', "Infinity"),
+        (b'{"prompt": "\xff\xfe", "max_tokens": 2}', "UTF-8"),
+    ],
+    ids=["nested-100k", "5000-digits", "NaN", "Infinity", "invalid-utf8"],
+)
+def test_json_that_python_chokes_on_or_that_is_not_json_is_400(
+    server: FakeServer, path: str, body: bytes, reason: str
+) -> None:
+    """JSON nested past the parser's stack, an integer of more digits than Python converts, and the NaN/Infinity
+    literals that Python's parser accepts but JSON (RFC 8259) has not: each a 400 saying so, never a 500."""
+    r = httpx.post(server.base + path, content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert reason in r.json()["error"]["message"], r.text
+    assert httpx.get(server.base + "/ping", timeout=10).status_code == 200
+
+
+def test_duplicate_keys_take_the_last_value_as_vllm_does(server: FakeServer) -> None:
+    """Python's parser, vLLM's and kiln's: the last of a duplicated key wins (RFC 8259 leaves it open)."""
+    body = b'{"prompt": "hi", "max_tokens": 9, "max_tokens": 1}'
+    r = httpx.post(server.base + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 1, r.text

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
 from runtime.adapters import NAME_RE, AdapterRequestError, Adapters
+from runtime.api.wire import loads_body
 from runtime.errors import APIError
 from runtime.service import ModelService
 
@@ -247,10 +247,7 @@ async def _json_object(request: Request) -> dict[str, Any]:
 
 
 def _loads(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"the request body is not valid JSON: {exc}") from exc
+    return loads_body(raw)
 
 
 def _text(args: dict[str, Any], key: str) -> str:
