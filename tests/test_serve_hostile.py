@@ -143,3 +143,17 @@ def test_duplicate_keys_take_the_last_value_as_vllm_does(server: FakeServer) -> 
     r = httpx.post(server.base + "/v1/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 1, r.text
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "application/octet-stream", "text/plain", "application/x-www-form-urlencoded"]
+)
+@pytest.mark.parametrize("path", ["/invocations", "/v1/completions"])
+def test_a_json_body_is_read_whatever_its_content_type(server: FakeServer, path: str, content_type: str | None) -> None:
+    """boto3's invoke_endpoint sends application/octet-stream unless told, curl -d form-urlencoded: the body is read as
+    JSON either way (vLLM's routes refuse all but application/json with a 400)."""
+    headers = {"content-type": content_type} if content_type else {}
+    body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+    r = httpx.post(server.base + path, content=body, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2, r.text
