@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -458,6 +458,20 @@ def vllm_pair(tiny_uri: str, tiny_dir: Path, tmp_path_factory: pytest.TempPathFa
             _stop_group(vllm)
 
 
+def assert_all_gone(processes: list[Any], within_s: float = 30.0) -> None:
+    """None of ``processes`` (psutil) is left running. Bounded wait: multiprocessing's resource tracker leaves only
+    once its parent is gone and it has cleaned up, which takes longer on a loaded machine (CI's 2 cores)."""
+    import psutil
+
+    psutil.wait_procs([p for p in processes if p.is_running()], timeout=within_s)
+    alive = []
+    for p in processes:
+        with suppress(psutil.NoSuchProcess):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append((p.pid, p.cmdline()))
+    assert not alive, f"left running {within_s:.0f} s after the server exited: {alive}"
+
+
 def stop_cleanly(srv: Server) -> None:
     """SIGTERM to the whole process group, as a container stop or ^C sends it: exit 0, nothing left running, and
     nothing but kiln's own lines in the server's output (engine output goes to the engine log)."""
@@ -465,9 +479,7 @@ def stop_cleanly(srv: Server) -> None:
 
     engine_processes = psutil.Process(srv.proc.pid).children(recursive=True)
     assert srv.stop(group=True) == 0, srv.logs()[-3000:]
-    time.sleep(0.5)  # the resource tracker leaves once its parent is gone
-    alive = [p for p in engine_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, [p.cmdline() for p in alive]
+    assert_all_gone(engine_processes)
     out = srv.logs()
     for noise in ("Traceback", "Exception ignored", "nanobind"):
         assert noise not in out, out[-3000:]

@@ -21,7 +21,7 @@ import pytest
 
 from runtime.engines.vllm import compile_cache
 from runtime.exitcodes import EX_CONFIG
-from tests.conftest import ROOT, Server, build, free_port, run_cli, wait_ready
+from tests.conftest import ROOT, Server, assert_all_gone, build, free_port, run_cli, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -182,7 +182,7 @@ def test_start_elsewhere_hits_the_packaged_cache_and_engine_death_exits_1(
         assert server.proc.wait(timeout=60) == 1, server.logs()[-3000:]
         assert 503 in codes
         assert "engine died" in server.logs()
-        assert not [p for p in engine_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert_all_gone(engine_processes)
     finally:
         server.stop(signal.SIGKILL)
 

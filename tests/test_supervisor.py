@@ -18,7 +18,7 @@ import pytest
 
 from runtime.exitcodes import EX_CONFIG, EX_USAGE
 from runtime.supervisor import STABLE_S, Policy, failures_after, verdict
-from tests.conftest import Server, launch_fake, wait_ready
+from tests.conftest import Server, assert_all_gone, launch_fake, wait_ready
 
 STARTED = "started the server"  # the supervisor's log line for each server it starts
 
@@ -56,8 +56,7 @@ def wait_restarted(sup: Server, old_pid: int, timeout: float = 60) -> None:
 
 
 def assert_gone(processes: list[psutil.Process]) -> None:
-    alive = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"left running: {alive}"
+    assert_all_gone(processes)
 
 
 @pytest.mark.integration
