@@ -157,3 +157,50 @@ def test_a_json_body_is_read_whatever_its_content_type(server: FakeServer, path:
     r = httpx.post(server.base + path, content=body, headers=headers, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 2, r.text
+
+
+def _battery(base: str) -> list[int]:
+    """One pass of the hostile requests: each answer's status."""
+    bodies = [
+        {"prompt": "x" * 1_000_000, "max_tokens": 2},
+        {"prompt": "hi", "max_tokens": 2, "stop": [f"s{i}" for i in range(10_000)]},
+        {"prompt": "hi", "max_tokens": 2**63},
+        {"prompt": "hi", "n": 5000},
+        {"messages": [{"role": "user", "content": "hi"}] * 100_000, "max_tokens": 2},
+    ]
+    raw = [NESTED, b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", b"\xff" * 1000, b"x" * (3 << 20)]
+    codes = []
+    with httpx.Client(base_url=base, timeout=120) as client:
+        for body in bodies:
+            path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+            codes.append(client.post(path, json=body).status_code)
+        for content in raw:
+            codes.append(client.post("/invocations", content=content).status_code)
+    return codes
+
+
+@pytest.mark.integration
+def test_the_battery_leaves_a_server_process_healthy_and_its_memory_flat(tiny_dir: Path, tmp_path: Path) -> None:
+    """The hostile requests against a real server process, five passes after a warm-up one: every answer a 4xx,
+    /ping 200 afterwards, RSS grown by less than 5 % over the five (a leak per request would show: each pass sends
+    over 5 MB), and SIGTERM exits 0."""
+    import psutil
+
+    from tests.conftest import start_fake_process
+
+    server = start_fake_process(tiny_dir, tmp_path, "--option", f"max_request_size={LIMIT}")
+    try:
+        proc = psutil.Process(server.proc.pid)
+        assert all(400 <= c < 500 for c in _battery(server.base))
+        warm = proc.memory_info().rss
+        for _ in range(5):
+            codes = _battery(server.base)
+            assert all(400 <= c < 500 for c in codes), codes
+        end = proc.memory_info().rss
+        assert httpx.get(server.base + "/ping", timeout=10).status_code == 200
+    finally:
+        code = server.stop()
+    assert code == 0, server.logs()[-3000:]
+    growth = (end - warm) / warm
+    print(f"\nhostile battery x5: RSS {warm / 2**20:.1f} -> {end / 2**20:.1f} MiB ({growth:+.1%})")
+    assert growth < 0.05, f"RSS grew {growth:.1%} over five passes ({warm} -> {end} bytes)"
