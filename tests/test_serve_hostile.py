@@ -137,6 +137,14 @@ def test_json_that_python_chokes_on_or_that_is_not_json_is_400(
     assert httpx.get(server.base + "/ping", timeout=10).status_code == 200
 
 
+def test_a_utf8_byte_order_mark_is_accepted(server: FakeServer) -> None:
+    """PowerShell and some .NET clients start a UTF-8 body with a BOM; Python's json.loads(bytes) took it, and so
+    does kiln's RFC 8259 parser."""
+    body = b"\xef\xbb\xbf" + json.dumps({"prompt": "hi", "max_tokens": 1}).encode()
+    r = httpx.post(server.base + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
 def test_duplicate_keys_take_the_last_value_as_vllm_does(server: FakeServer) -> None:
     """Python's parser, vLLM's and kiln's: the last of a duplicated key wins (RFC 8259 leaves it open)."""
     body = b'{"prompt": "hi", "max_tokens": 9, "max_tokens": 1}'

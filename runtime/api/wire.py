@@ -18,7 +18,7 @@ def loads_body(raw: bytes) -> Any:
     """A request body as JSON, or a 400 saying why not. Python's parser accepts NaN and Infinity, recurses once per
     nesting level and converts at most 4300 digits: each of those would be a 500 or a non-JSON value inside."""
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark, as some Windows clients send, is dropped
     except UnicodeDecodeError as exc:
         raise APIError(400, f"the request body is not UTF-8 (byte {exc.start}): send JSON as UTF-8") from None
     try:
