@@ -144,6 +144,13 @@ def test_hostile_properties_files_are_refused_naming_the_problem(tmp_path: Path,
     assert needle in str(exc), str(exc)[:2000]
 
 
+def test_a_file_saved_with_a_byte_order_mark_reads_as_without(tmp_path: Path) -> None:
+    f = tmp_path / "serving.properties"
+    f.write_bytes(b"\xef\xbb\xbfoption.max_num_seqs=8\n")
+    entries = read_properties(f)
+    assert [(e.key, e.value) for e in entries] == [("max_num_seqs", "8")]
+
+
 def test_a_secret_in_a_refused_value_is_not_echoed(tmp_path: Path) -> None:
     """Two different API keys in one source are refused (keep one) without quoting either."""
     f = tmp_path / "serving.properties"
