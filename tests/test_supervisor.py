@@ -55,10 +55,6 @@ def wait_restarted(sup: Server, old_pid: int, timeout: float = 60) -> None:
     raise AssertionError(f"no new server after {timeout}s:\n{sup.logs()[-3000:]}")
 
 
-def assert_gone(processes: list[psutil.Process]) -> None:
-    assert_all_gone(processes)
-
-
 @pytest.mark.integration
 def test_a_dead_engine_is_restarted_and_serves_again_until_the_retry_limit(tiny_dir: Path, tmp_path: Path) -> None:
     sup = start_supervisor(str(tiny_dir), tmp_path, env={"PROCESS_MAX_START_RETRIES": "1"})
@@ -121,7 +117,7 @@ def test_sigterm_drains_the_server_and_exits_0_leaving_no_process(tiny_dir: Path
         assert sup.proc.wait(timeout=60) == 0, sup.logs()[-3000:]
     finally:
         sup.stop(signal.SIGKILL)
-    assert_gone(family)
+    assert_all_gone(family)
     assert sup.logs().count(STARTED) == 1  # a requested stop is not a failure to recover from
 
 

@@ -17,60 +17,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
-from runtime.adapters import NAME_RE, AdapterRequestError, Adapters
+from runtime.adapters import AdapterRequestError, Adapters
+from runtime.api.openapi import body_doc
 from runtime.api.wire import loads_body
 from runtime.errors import APIError
 from runtime.service import ModelService
 
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-# The JSON bodies the routes read (they read them themselves, so FastAPI knows none): for /openapi.json
-# (runtime/api/openapi.py adds them, and excludes the served model's name from the adapter names once it is known).
-# SageMaker's query-parameter form of POST /adapters is accepted too, and left out: one documented form.
-_NAME = {"type": "string", "pattern": NAME_RE.pattern, "description": "letters, digits, . _ - : /; at most 128"}
-_SRC = {"type": "string", "minLength": 1, "description": "a directory under adapter_roots, or an adapter artifact URI"}
-_PIN_WITHOUT_PRELOAD = {
-    "properties": {"pin": {"const": True}, "preload": {"const": False}},
-    "required": ["pin", "preload"],
-}
-REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
-    "AdapterRegisterRequest": {
-        "type": "object",
-        "required": ["name", "src"],
-        "properties": {
-            "name": _NAME,
-            "src": _SRC,
-            "preload": {"type": "boolean", "default": True},
-            "pin": {"type": "boolean", "default": False},
-        },
-        "not": _PIN_WITHOUT_PRELOAD,
-    },
-    "AdapterUpdateRequest": {
-        "type": "object",
-        "properties": {"src": _SRC, "preload": {"type": "boolean"}, "pin": {"type": "boolean"}},
-        "not": _PIN_WITHOUT_PRELOAD,
-    },
-    "LoadLoRAAdapterRequest": {
-        "type": "object",
-        "required": ["lora_name", "lora_path"],
-        "properties": {
-            "lora_name": _NAME,  # kiln's rule for every adapter name (vLLM takes any string)
-            "lora_path": _SRC,
-            "load_inplace": {"type": "boolean", "default": False},
-        },
-    },
-    "UnloadLoRAAdapterRequest": {
-        "type": "object",
-        "required": ["lora_name"],
-        "properties": {"lora_name": {"type": "string", "minLength": 1}},
-    },
-}
-NAMED_BY = {"AdapterRegisterRequest": "name", "LoadLoRAAdapterRequest": "lora_name"}  # may not be the base's name
-
-
-def _body(schema: str, required: bool = True) -> dict[str, Any]:
-    ref = {"$ref": f"#/components/schemas/{schema}"}
-    return {"requestBody": {"required": required, "content": {"application/json": {"schema": ref}}}}
 
 
 def install(app: FastAPI, service: Callable[[], ModelService]) -> None:
@@ -89,7 +42,7 @@ def install(app: FastAPI, service: Callable[[], ModelService]) -> None:
     @app.post(
         "/adapters",
         summary="SageMaker / LMI: register a LoRA adapter (a JSON body, or the same fields as query parameters)",
-        openapi_extra=_body("AdapterRegisterRequest"),
+        openapi_extra=body_doc("AdapterRegisterRequest"),
     )
     async def register(request: Request) -> dict[str, Any]:
         adapters = registry(request)
@@ -116,7 +69,7 @@ def install(app: FastAPI, service: Callable[[], ModelService]) -> None:
     @app.post(
         "/models/{model_name}/adapters",
         summary="LMI: register a LoRA adapter",
-        openapi_extra=_body("AdapterRegisterRequest"),
+        openapi_extra=body_doc("AdapterRegisterRequest"),
     )
     async def lmi_register(model_name: str, request: Request) -> dict[str, Any]:
         registry(request)
@@ -144,7 +97,7 @@ def install(app: FastAPI, service: Callable[[], ModelService]) -> None:
     @app.post(
         "/models/{model_name}/adapters/{name}/update",
         summary="LMI: change an adapter's src, preload or pin",
-        openapi_extra=_body("AdapterUpdateRequest", required=False),
+        openapi_extra=body_doc("AdapterUpdateRequest", required=False),
     )
     async def lmi_update(model_name: str, name: str, request: Request) -> dict[str, Any]:
         adapters = registry(request)
@@ -165,7 +118,7 @@ def install(app: FastAPI, service: Callable[[], ModelService]) -> None:
         "/v1/load_lora_adapter",
         summary="vLLM: load a LoRA adapter",
         response_class=PlainTextResponse,
-        openapi_extra=_body("LoadLoRAAdapterRequest"),
+        openapi_extra=body_doc("LoadLoRAAdapterRequest"),
     )
     async def vllm_load(request: Request) -> PlainTextResponse:
         adapters = registry(request, lmi=False)
@@ -193,7 +146,7 @@ def install(app: FastAPI, service: Callable[[], ModelService]) -> None:
         "/v1/unload_lora_adapter",
         summary="vLLM: unload a LoRA adapter",
         response_class=PlainTextResponse,
-        openapi_extra=_body("UnloadLoRAAdapterRequest"),
+        openapi_extra=body_doc("UnloadLoRAAdapterRequest"),
     )
     async def vllm_unload(request: Request) -> PlainTextResponse:
         adapters = registry(request, lmi=False)
@@ -232,7 +185,7 @@ async def _arguments(request: Request) -> dict[str, Any]:
     args: dict[str, Any] = dict(request.query_params)
     raw = await request.body()
     if raw.strip():
-        body = _loads(raw)
+        body = loads_body(raw)
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object {name, src, preload, pin}")
         args.update(body)
@@ -240,14 +193,10 @@ async def _arguments(request: Request) -> dict[str, Any]:
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
-    body = _loads(await request.body())
+    body = loads_body(await request.body())
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     return body
-
-
-def _loads(raw: bytes) -> Any:
-    return loads_body(raw)
 
 
 def _text(args: dict[str, Any], key: str) -> str:

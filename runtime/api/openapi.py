@@ -27,8 +27,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from runtime.adapters import NAME_RE
 from runtime.api import responses as r
-from runtime.api.adapters import NAMED_BY, REQUEST_SCHEMAS
 from runtime.api.embeddings import EmbeddingRequest
 from runtime.api.protocol import ChatCompletionRequest, CompletionRequest, LmiRequest
 from runtime.api.tokenize import TOKENIZE_SCHEMAS, DetokenizeRequest
@@ -90,9 +90,54 @@ def union_body(keys: dict[str, str] | None = None) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": {"oneOf": _exclusive(keys or INVOKE_KEYS)}}}}
 
 
-def body_doc(name: str) -> dict[str, Any]:
+def body_doc(name: str, required: bool = True) -> dict[str, Any]:
     """``openapi_extra`` of a route that validates its body itself (strictly): the schema it validates against."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": _ref(name)}}}}
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": _ref(name)}}}}
+
+
+# The adapter management routes' JSON bodies (runtime/api/adapters.py reads them itself, so FastAPI knows none);
+# build() adds them, and excludes the served model's name from the adapter names once it is known.
+# SageMaker's query-parameter form of POST /adapters is accepted too, and left out: one documented form.
+_NAME = {"type": "string", "pattern": NAME_RE.pattern, "description": "letters, digits, . _ - : /; at most 128"}
+_SRC = {"type": "string", "minLength": 1, "description": "a directory under adapter_roots, or an adapter artifact URI"}
+_PIN_WITHOUT_PRELOAD = {
+    "properties": {"pin": {"const": True}, "preload": {"const": False}},
+    "required": ["pin", "preload"],
+}
+ADAPTER_REQUESTS: dict[str, dict[str, Any]] = {
+    "AdapterRegisterRequest": {
+        "type": "object",
+        "required": ["name", "src"],
+        "properties": {
+            "name": _NAME,
+            "src": _SRC,
+            "preload": {"type": "boolean", "default": True},
+            "pin": {"type": "boolean", "default": False},
+        },
+        "not": _PIN_WITHOUT_PRELOAD,
+    },
+    "AdapterUpdateRequest": {
+        "type": "object",
+        "properties": {"src": _SRC, "preload": {"type": "boolean"}, "pin": {"type": "boolean"}},
+        "not": _PIN_WITHOUT_PRELOAD,
+    },
+    "LoadLoRAAdapterRequest": {
+        "type": "object",
+        "required": ["lora_name", "lora_path"],
+        "properties": {
+            "lora_name": _NAME,  # kiln's rule for every adapter name (vLLM takes any string)
+            "lora_path": _SRC,
+            "load_inplace": {"type": "boolean", "default": False},
+        },
+    },
+    "UnloadLoRAAdapterRequest": {
+        "type": "object",
+        "required": ["lora_name"],
+        "properties": {"lora_name": {"type": "string", "minLength": 1}},
+    },
+}
+# Each body's adapter-name field: it may not be the base model's name.
+ADAPTER_NAMED_BY = {"AdapterRegisterRequest": "name", "LoadLoRAAdapterRequest": "lora_name"}
 
 
 # -- responses --------------------------------------------------------------------------------------------------
@@ -611,10 +656,10 @@ def _add_models(components: dict[str, Any], models: Iterable[tuple[str, type[Bas
 
 
 def _adapter_requests(components: dict[str, Any], svc: Any | None) -> None:
-    for name, schema in REQUEST_SCHEMAS.items():
+    for name, schema in ADAPTER_REQUESTS.items():
         components[name] = copy.deepcopy(schema)
-        if svc is not None and name in NAMED_BY:  # the base model's name is refused as an adapter's
-            field = components[name]["properties"][NAMED_BY[name]]
+        if svc is not None and name in ADAPTER_NAMED_BY:  # the base model's name is refused as an adapter's
+            field = components[name]["properties"][ADAPTER_NAMED_BY[name]]
             field["not"] = {"const": svc.served_name}
 
 

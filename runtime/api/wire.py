@@ -10,8 +10,12 @@ from typing import Any
 from runtime.errors import APIError
 
 
+class _NotJSONError(ValueError):
+    """What Python's parser takes and JSON has not (its NaN and Infinity literals)."""
+
+
 def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number (RFC 8259 has no NaN or Infinity)")
+    raise _NotJSONError(f"{name} is not a JSON number (RFC 8259 has no NaN or Infinity)")
 
 
 def loads_body(raw: bytes) -> Any:
@@ -27,9 +31,10 @@ def loads_body(raw: bytes) -> Any:
         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise APIError(400, "the request body is not accepted: JSON nested too deeply") from None
-    except ValueError as exc:  # NaN / Infinity (above), or an integer of more than 4300 digits
-        detail = str(exc) if "JSON number" in str(exc) else "a number with more digits than kiln converts"
-        raise APIError(400, f"the request body is not accepted: {detail}") from None
+    except _NotJSONError as exc:
+        raise APIError(400, f"the request body is not accepted: {exc}") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise APIError(400, "the request body is not accepted: a number with more digits than kiln converts") from None
 
 
 # A grammar-masked or impossible token has logprob -inf (NaN from a broken kernel); JSON has no such number.
