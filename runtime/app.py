@@ -412,6 +412,7 @@ def serve(startup: Startup) -> int:
     cfg = startup.resolved.config
     server, exit_code = make_server(startup)
     log.info("listening on http://%s:%d", cfg.host, cfg.port)
+    process.forked_children_close_http(cfg.port)
     with process.reaped_children():
         server.run()
     return exit_code()

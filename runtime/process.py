@@ -8,6 +8,9 @@
 * Engines spawn processes that spawn processes (vLLM: engine core, then workers). :func:`reaped_children` makes this
   process their subreaper (Linux), so an orphaned grandchild is re-parented here instead of to init, and stops
   every child still alive when serving ends.
+* Engines may fork their processes from this one (vLLM on CPU, ``runtime/engines/vllm/patches.py``), and a forked
+  child inherits every descriptor, the HTTP server's sockets among them. :func:`forked_children_close_http` closes
+  those in each forked child, so that only the server holds the port and its clients' connections.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +33,8 @@ log = logging.getLogger("kiln.runtime")
 PR_SET_CHILD_SUBREAPER = 36
 TAIL_LINES = 30
 _current_log: Path | None = None
+_http_ports: set[int] = set()
+_at_fork: list[bool] = []  # the hook is registered once per process (os.register_at_fork has no undo)
 
 
 def _keeps_terminal() -> bool:
@@ -193,3 +199,37 @@ def _reap() -> None:
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0] > 0:
             pass
+
+
+def forked_children_close_http(port: int) -> None:
+    """In every child forked from this process from now on, close the sockets of the HTTP server on ``port``.
+
+    Otherwise an engine process would hold the listening socket, so the port would stay bound while it lives on
+    after the server, and every connection open at the fork, so a client whose connection the server closed would
+    never see it end."""
+    if not _at_fork:
+        os.register_at_fork(after_in_child=_close_http_sockets)
+        _at_fork.append(True)
+    _http_ports.add(port)
+
+
+def _close_http_sockets() -> None:
+    """Close each inherited TCP socket whose local port is an HTTP server's (its listening socket and the
+    connections it accepted); leave every other descriptor as it is."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # not Linux: nothing to look up descriptors by
+        return
+    for fd in fds:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:  # not a socket, or the listing's own descriptor, already closed
+            continue
+        try:
+            ours = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.getsockname()[1] in _http_ports
+        except OSError:
+            ours = False
+        if ours:
+            sock.close()
+        else:
+            sock.detach()  # not ours to close

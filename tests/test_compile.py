@@ -157,11 +157,20 @@ def test_start_elsewhere_hits_the_packaged_cache_and_engine_death_exits_1(
         engine = engine_log.read_text()
         assert "Directly load AOT compilation" in engine, engine[-3000:]
         assert "Compiling model again" not in engine
-        # The real engine dying (its core process killed) mid-stream: the stream in flight ends with an in-band error,
-        # /ping turns 503 and the server exits 1, leaving nothing.
         engine_processes = psutil.Process(server.proc.pid).children(recursive=True)
         core = [p for p in engine_processes if "EngineCore" in _name(p)]
         assert core, "no vLLM engine core process found"
+        # vLLM's engine core and worker were forked from the server (runtime/engines/vllm/patches.py), not spawned:
+        # each holds the server's own terminal (serve.log, which it keeps beside the engine log), which a spawned
+        # process, given descriptors 0-2 only, would not. And none holds the HTTP server's sockets.
+        port = int(server.base.rsplit(":", 1)[1])
+        forked = [p for p in engine_processes if "EngineCore" in _name(p) or "Worker" in _name(p)]
+        assert len(forked) == 2, [_name(p) for p in engine_processes]
+        for p in forked:
+            assert str(tmp_path / "serve.log") in {f.path for f in p.open_files()}, _name(p)
+            assert not [c for c in p.net_connections("tcp") if c.laddr and c.laddr.port == port], _name(p)
+        # The real engine dying (its core process killed) mid-stream: the stream in flight ends with an in-band error,
+        # /ping turns 503 and the server exits 1, leaving nothing.
         body = {"model": "tiny-llama", "prompt": "Once", "max_tokens": 1500, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", server.base + "/v1/completions", json=body, timeout=120) as stream:
             assert stream.status_code == 200, stream.read()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import types
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,77 @@ def test_the_pinned_vllm_is_the_installed_one() -> None:
         + ", ".join(f"vllm/{f}:{fn}" for f, fn in patches.PINNED_SOURCES)
         + " again"
     )
-    for (file, function), digest in patches.PINNED_SOURCES.items():
+    for (file, function), digest in (patches.PINNED_SOURCES | patches.FORK_PINNED_SOURCES).items():
         assert patches.source_digest(file, function) == digest, f"vLLM's {file}:{function} changed"
     assert patches.aot_guard_applies()
+    assert patches.fork_applies()
+
+
+def test_every_variable_the_cpu_platform_sets_is_accounted_for_in_a_forked_child() -> None:
+    """``start_by_fork`` is right only if each variable vLLM's CPU platform writes does its work in a child that is
+    forked instead of spawned: the written-down list must be the function's own."""
+    import ast
+
+    source = patches.function_source("platforms/cpu.py", "CpuPlatform", "check_and_update_config") or ""
+    written = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Subscript) and ast.unparse(target.value) == "os.environ":
+                    key = target.slice
+                    written.add(key.value if isinstance(key, ast.Constant) else ast.unparse(key))
+    # one key is a local name: conv_state_layout_env = "VLLM_SSM_CONV_STATE_LAYOUT"
+    assert 'conv_state_layout_env = "VLLM_SSM_CONV_STATE_LAYOUT"' in source
+    written = {"VLLM_SSM_CONV_STATE_LAYOUT" if k == "conv_state_layout_env" else k for k in written}
+    assert written == set(patches.CPU_PLATFORM_ENV), sorted(written)
+
+
+@pytest.fixture
+def cpu_platform(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """vLLM's CPU platform with ``check_and_update_config`` standing in for the real one (which needs a whole
+    VllmConfig): it writes the variables the real one writes. Everything it and the fork change touch is
+    restored after the test. Returns the calls."""
+    import torch._inductor.config as inductor
+    from vllm.platforms.cpu import CpuPlatform
+
+    calls: list[str] = []
+
+    def check_and_update_config(cls: type, vllm_config: Any) -> None:
+        calls.append(vllm_config)
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+        os.environ["TORCHINDUCTOR_CPP_DYNAMIC_THREADS"] = "1"
+
+    monkeypatch.setattr(CpuPlatform, "check_and_update_config", classmethod(check_and_update_config))
+    for name in ("VLLM_WORKER_MULTIPROC_METHOD", "TORCHINDUCTOR_COMPILE_THREADS", "TORCHINDUCTOR_CPP_DYNAMIC_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    with inductor.patch({"compile_threads": 2, "cpp.dynamic_threads": False}):  # as torch read them at import
+        yield calls
+
+
+def test_start_by_fork_forks_with_the_inductor_settings_a_spawned_child_would_read(cpu_platform: list[str]) -> None:
+    import torch._inductor.config as inductor
+    from vllm.platforms.cpu import CpuPlatform
+
+    assert patches.start_by_fork()
+    assert patches.start_by_fork()  # once per process: still one wrapper
+    CpuPlatform.check_and_update_config("config")  # type: ignore[arg-type]
+    assert cpu_platform == ["config"]  # vLLM's own function ran, once
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"
+    # torch read these two when inductor was imported, before vLLM set them: a forked child inherits the module
+    assert inductor.compile_threads == 1
+    assert inductor.cpp.dynamic_threads is True
+
+
+def test_an_operators_start_method_is_left_as_vllm_sets_it(
+    cpu_platform: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vllm.platforms.cpu import CpuPlatform
+
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    assert not patches.start_by_fork()
+    CpuPlatform.check_and_update_config("config")  # type: ignore[arg-type]
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
 
 
 def test_the_pinned_functions_still_have_what_the_guards_are_for() -> None:

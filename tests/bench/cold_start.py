@@ -39,8 +39,8 @@ PHASES = [  # (label, log pattern): the moment each phase ends
     ("runtime imported, artifact verified", r"kiln\.runtime: verified"),
     ("host + compile key checked, cache copied, HTTP up", r"kiln\.runtime: listening"),
     ("vLLM imported, engine config built (API process)", r"Resolved architecture"),
-    ("engine core process spawned, vLLM imported again", r"\(EngineCore pid="),
-    ("worker process spawned, vLLM imported again", r"\((VllmWorker|Worker)[^)]* pid="),
+    ("engine core process started (spawned: imports vLLM again)", r"\(EngineCore pid="),
+    ("worker process started (spawned: imports vLLM again)", r"\((VllmWorker|Worker)[^)]* pid="),
     ("weights loaded", r"Loading weights took"),
     ("torch.compile: compiled or loaded from cache", r"Warming up done"),
     ("KV cache allocated, engine ready", r"init engine \(profile, create kv cache, warmup model\) took"),
@@ -74,6 +74,12 @@ def bench(work: Path, rounds: int) -> dict[str, object]:
     warm_vllm = fresh_machine_env(work)  # bare vLLM's own caches, primed once below
     variants = {
         KILN_COLD: lambda port: (_kiln(compiled, port), fresh_machine_env(work, **KILN_ENV)),
+        # vLLM's own start method on CPU: each engine process imports vLLM again (kiln forks them,
+        # runtime/engines/vllm/patches.py start_by_fork); an operator's VLLM_WORKER_MULTIPROC_METHOD is left alone
+        "kiln serve, packaged cache, engine processes spawned (VLLM_WORKER_MULTIPROC_METHOD=spawn)": lambda port: (
+            _kiln(compiled, port),
+            fresh_machine_env(work, **KILN_ENV, VLLM_WORKER_MULTIPROC_METHOD="spawn"),
+        ),
         "kiln serve, packaged cache without the AOT function (compile.aot=false)": lambda port: (
             _kiln(inductor_only, port),
             fresh_machine_env(work, **KILN_ENV),

