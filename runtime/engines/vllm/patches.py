@@ -103,14 +103,20 @@ def source_digest(file: str, function: str) -> str | None:
     return None if text is None else hashlib.sha256(text.encode()).hexdigest()
 
 
-@cache
-def aot_guard_applies() -> bool:
-    """True when the installed vLLM is the one the guard was written and measured for."""
+def pinned_vllm_has(sources: dict[tuple[str, str], str]) -> bool:
+    """True when the installed vLLM is :data:`PINNED_VLLM` and each (file, function) in ``sources`` still has its
+    recorded digest."""
     from runtime.engines.vllm import SPEC
 
     if SPEC.installed_version() != PINNED_VLLM:
         return False
-    return all(source_digest(file, fn) == digest for (file, fn), digest in PINNED_SOURCES.items())
+    return all(source_digest(file, fn) == digest for (file, fn), digest in sources.items())
+
+
+@cache
+def aot_guard_applies() -> bool:
+    """True when the installed vLLM is the one the guard was written and measured for."""
+    return pinned_vllm_has(PINNED_SOURCES)
 
 
 def register() -> None:
@@ -219,11 +225,7 @@ _FORK_MARK = "_kiln_fork"
 @cache
 def fork_applies() -> bool:
     """True when the installed vLLM is the one the start-method change was read and measured in."""
-    from runtime.engines.vllm import SPEC
-
-    if SPEC.installed_version() != PINNED_VLLM:
-        return False
-    return all(source_digest(file, fn) == digest for (file, fn), digest in FORK_PINNED_SOURCES.items())
+    return pinned_vllm_has(FORK_PINNED_SOURCES)
 
 
 def start_by_fork() -> bool:
