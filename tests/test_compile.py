@@ -169,6 +169,11 @@ def test_start_elsewhere_hits_the_packaged_cache_and_engine_death_exits_1(
         for p in forked:
             assert str(tmp_path / "serve.log") in {f.path for f in p.open_files()}, _name(p)
             assert not [c for c in p.net_connections("tcp") if c.laddr and c.laddr.port == port], _name(p)
+        # The forked worker runs on the cores vLLM's OpenMP manager chose for it (its log line), as a spawned one would
+        bound = re.search(r"local_rank=0, core ids=\[([\d, ]*)\]", engine)
+        assert bound, engine[-3000:]
+        worker = next(p for p in forked if "Worker" in _name(p))
+        assert worker.cpu_affinity() == [int(c) for c in bound.group(1).split(",")]
         # The real engine dying (its core process killed) mid-stream: the stream in flight ends with an in-band error,
         # /ping turns 503 and the server exits 1, leaving nothing.
         body = {"model": "tiny-llama", "prompt": "Once", "max_tokens": 1500, "ignore_eos": True, "stream": True}

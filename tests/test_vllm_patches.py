@@ -60,6 +60,7 @@ def cpu_platform(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     restored after the test. Returns the calls."""
     import torch._inductor.config as inductor
     from vllm.platforms.cpu import CpuPlatform
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
 
     calls: list[str] = []
 
@@ -70,6 +71,7 @@ def cpu_platform(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         os.environ["TORCHINDUCTOR_CPP_DYNAMIC_THREADS"] = "1"
 
     monkeypatch.setattr(CpuPlatform, "check_and_update_config", classmethod(check_and_update_config))
+    monkeypatch.setattr(OMPProcessManager, "configure_omp_envs", OMPProcessManager.configure_omp_envs)  # restored
     for name in ("VLLM_WORKER_MULTIPROC_METHOD", "TORCHINDUCTOR_COMPILE_THREADS", "TORCHINDUCTOR_CPP_DYNAMIC_THREADS"):
         monkeypatch.delenv(name, raising=False)
     with inductor.patch({"compile_threads": 2, "cpp.dynamic_threads": False}):  # as torch read them at import
@@ -88,6 +90,43 @@ def test_start_by_fork_forks_with_the_inductor_settings_a_spawned_child_would_re
     # torch read these two when inductor was imported, before vLLM set them: a forked child inherits the module
     assert inductor.compile_threads == 1
     assert inductor.cpp.dynamic_threads is True
+
+
+def test_a_forked_worker_gets_the_openmp_threads_vllm_chose_for_it(cpu_platform: list[str]) -> None:
+    """vLLM's OpenMP manager binds a worker through the environment, which a spawned worker's OpenMP runtime reads
+    when it starts; a forked worker has the server's runtime, started already with a thread on every core. Forked
+    inside vLLM's own ``configure_omp_envs`` (here with a one-core binding), the worker has that core and one
+    thread; a process forked outside it (vLLM's engine core) keeps the server's."""
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2 or torch.get_num_threads() < 2:
+        pytest.skip("needs two CPUs and two torch threads to tell a binding from none")
+    assert patches.start_by_fork()
+    binding = types.SimpleNamespace(skip_setup=False, cpu_lists=[[allowed[-1]]], use_iomp=False, use_gomp=False)
+    with OMPProcessManager.configure_omp_envs(binding, rank=0, local_rank=0):
+        assert os.environ["OMP_PLACES"] == f"{{{allowed[-1]}}}"  # vLLM's own function ran: what a spawned child reads
+        worker = _forked_threads()
+    assert worker == ([allowed[-1]], 1)
+    assert _forked_threads() == (allowed, torch.get_num_threads())  # outside the binding: as the parent
+
+
+def _forked_threads() -> tuple[list[int], int]:
+    """A child forked from this process reports its CPU affinity and torch's thread count."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    reader, writer = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_report_threads, args=(writer,))
+    child.start()
+    got = reader.recv()
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    return got
+
+
+def _report_threads(conn: Any) -> None:
+    conn.send((sorted(os.sched_getaffinity(0)), torch.get_num_threads()))
 
 
 def test_an_operators_start_method_is_left_as_vllm_sets_it(
