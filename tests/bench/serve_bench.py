@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -30,8 +29,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -98,17 +98,8 @@ class Proc:
         return float(t.user + t.system)
 
     def cpu_by_role(self) -> dict[str, float]:
-        """CPU seconds so far of each process in the server's tree, by role: the API process (kiln's or vLLM's
-        HTTP server), vLLM's engine core, its worker."""
-        root = psutil.Process(self.p.pid)
-        out = {"api": 0.0, "engine_core": 0.0, "worker": 0.0}
-        for proc in [root, *root.children(recursive=True)]:
-            with suppress(psutil.NoSuchProcess):
-                t = proc.cpu_times()
-                name = " ".join(proc.cmdline()[:1]) + proc.name()
-                role = "api" if proc.pid == root.pid else "engine_core" if "EngineCore" in name else "worker"
-                out[role] += float(t.user + t.system)
-        return out
+        """CPU seconds so far of each process in the server's tree, by role (:func:`tree_roles`)."""
+        return tree_roles(psutil.Process(self.p.pid))
 
     def tree_rss(self) -> int:
         """Resident memory of the server and all its children (engine core, workers), bytes."""
@@ -180,23 +171,128 @@ def workload(args: argparse.Namespace, concurrency: int, seed: int, requests: in
 
 def load(proc: Proc, base: str, model: str, tokenizer: Path, flags: list[str]) -> dict[str, Any]:
     """One ``vllm bench serve`` run, with the server's CPU time and peak RSS over it, and where the machine's CPU
-    went: each server process's and the load client's share of all cores over the run (moonshot 2's question)."""
-    before, roles = proc.cpu_seconds(), proc.cpu_by_role()
-    client = resource.getrusage(resource.RUSAGE_CHILDREN)  # the client is a child that exits; the servers do not
-    start = time.monotonic()
-    with peak_rss(proc) as peak:
+    went while the server was busy (moonshot 2's question): see :func:`busy_shares`."""
+    before = proc.cpu_seconds()
+    with peak_rss(proc) as peak, cpu_samples(server_roles(proc)) as samples:
         figures = vllm_client.run(base, model, tokenizer, *flags)
-    capacity = (time.monotonic() - start) * (os.cpu_count() or 1)
     cpu = proc.cpu_seconds() - before
-    after, done = proc.cpu_by_role(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    share = {role: (after[role] - roles[role]) / capacity for role in roles}
-    share["client"] = (done.ru_utime + done.ru_stime - client.ru_utime - client.ru_stime) / capacity
     tokens = figures["total_output_tokens"]
     return figures | {
         "server_cpu_us_per_token": 1e6 * cpu / tokens if tokens else None,
         "peak_rss_bytes": peak[0],
-        "cpu_share": share,
+        "cpu_share": busy_shares(samples),
     }
+
+
+CLIENT_MODULE = "tests.bench.vllm_client"  # how vLLM's benchmark processes are told from the servers'
+
+
+def tree_roles(root: psutil.Process) -> dict[str, float]:
+    """CPU seconds so far of each process in a vLLM process tree, by role: ``api``, the root (a server's HTTP
+    process, kiln's or vLLM's; offline, the process calling ``LLM.generate``), vLLM's engine core, its worker."""
+    out = {"api": 0.0, "engine_core": 0.0, "worker": 0.0}
+    with suppress(psutil.NoSuchProcess):
+        for proc in [root, *root.children(recursive=True)]:
+            with suppress(psutil.NoSuchProcess):
+                t = proc.cpu_times()
+                name = " ".join(proc.cmdline()[:1]) + proc.name()
+                role = "api" if proc.pid == root.pid else "engine_core" if "EngineCore" in name else "worker"
+                out[role] += float(t.user + t.system)
+    return out
+
+
+def _benchmark_children() -> list[psutil.Process]:
+    return [c for c in psutil.Process().children() if CLIENT_MODULE in " ".join(_cmdline(c))]
+
+
+def server_roles(proc: Proc) -> Callable[[], dict[str, float]]:
+    """The server's roles and the load client's CPU (the ``vllm bench serve`` child of this process)."""
+    client: list[psutil.Process] = []
+
+    def roles() -> dict[str, float]:
+        client.extend([] if client else _benchmark_children())
+        used = 0.0
+        for c in client:
+            with suppress(psutil.NoSuchProcess):
+                t = c.cpu_times()
+                used += float(t.user + t.system)
+        return proc.cpu_by_role() | {"client": used}
+
+    return roles
+
+
+def offline_roles() -> Callable[[], dict[str, float]]:
+    """The roles of the ``vllm bench throughput`` child of this process: the same engine with no server."""
+    root: list[psutil.Process] = []
+
+    def roles() -> dict[str, float]:
+        root.extend([] if root else _benchmark_children())
+        return tree_roles(root[0]) if root else {}
+
+    return roles
+
+
+@contextmanager
+def cpu_samples(roles: Callable[[], dict[str, float]], every: float = 0.1) -> Iterator[list[dict[str, float]]]:
+    """Samples, while the block runs, the cumulative CPU seconds of each role and of the whole machine (busy, not
+    idle or waiting), with the time of each sample. A role keeps what it had used once its processes exit."""
+    samples: list[dict[str, float]] = []
+    seen: dict[str, float] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while True:
+            m = psutil.cpu_times()
+            for role, used in roles().items():
+                seen[role] = max(seen.get(role, 0.0), used)
+            busy = sum(m) - m.idle - getattr(m, "iowait", 0.0)
+            samples.append({"t": time.monotonic(), "api": 0.0, "engine_core": 0.0, "worker": 0.0} | seen
+                           | {"machine": busy})  # fmt: skip
+            if done.wait(every):
+                return
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        thread.join()
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    with suppress(psutil.Error):
+        return p.cmdline()
+    return []
+
+
+def busy_shares(samples: list[dict[str, float]], gap: float = 1.0, last_s: float | None = None) -> dict[str, float]:
+    """Each role's share of all cores over the stretch in which the server's engine was busy: the longest run of
+    sample intervals in which its engine core and worker used at least a quarter of their usual busy rate (the
+    90th percentile), with pauses of at most ``gap`` seconds. The client's own start (importing vLLM, building
+    prompts: 15 s of a core here) falls outside, where the server idles, and so does the end of any earlier load.
+    ``machine`` is all that ran: the roles, this bench's own process, anything else. ``last_s``: only the last
+    seconds of that stretch count (offline, the engine's start, compiling and warming up, is busy too)."""
+    engine = [b["engine_core"] + b["worker"] - a["engine_core"] - a["worker"] for a, b in pairwise(samples)]
+    rates = sorted(e / (b["t"] - a["t"]) for e, (a, b) in zip(engine, pairwise(samples), strict=True))
+    if not rates or rates[int(0.9 * (len(rates) - 1))] <= 0:
+        return {}
+    floor = 0.25 * rates[int(0.9 * (len(rates) - 1))]
+    busy = [
+        i for i, (e, (a, b)) in enumerate(zip(engine, pairwise(samples), strict=True)) if e >= floor * (b["t"] - a["t"])
+    ]
+    runs: list[list[int]] = [[busy[0]]]
+    for i in busy[1:]:
+        if samples[i]["t"] - samples[runs[-1][-1] + 1]["t"] <= gap:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    run = max(runs, key=lambda r: sum(engine[i] for i in r))
+    first, last = samples[run[0]], samples[run[-1] + 1]
+    if last_s is not None:
+        first = max((x for x in samples if x["t"] <= last["t"] - last_s), key=lambda x: x["t"], default=first)
+    capacity = (last["t"] - first["t"]) * (os.cpu_count() or 1)
+    return {r: (last[r] - first[r]) / capacity for r in last if r != "t"} | {"window_s": last["t"] - first["t"]}
 
 
 KEYS = ("request_throughput", "output_throughput", "mean_ttft_ms", "p50_ttft_ms", "p90_ttft_ms", "p99_ttft_ms",
@@ -236,11 +332,12 @@ def offline(args: argparse.Namespace, model_dir: Path, rounds: int) -> list[dict
     n = max(args.min_requests, args.requests_per_stream * top)
     out = []
     for r in range(rounds):
-        figures = vllm_client.offline(
-            "--model", str(model_dir), *engine_flags(), "--num-prompts", str(n), "--random-input-len",
-            str(args.input_len), "--random-output-len", str(args.max_tokens), "--seed", str(r),
-        )  # fmt: skip
-        out.append(figures)
+        with cpu_samples(offline_roles()) as samples:
+            figures = vllm_client.offline(
+                "--model", str(model_dir), *engine_flags(), "--num-prompts", str(n), "--random-input-len",
+                str(args.input_len), "--random-output-len", str(args.max_tokens), "--seed", str(r),
+            )  # fmt: skip
+        out.append(figures | {"cpu_share": busy_shares(samples, last_s=figures["elapsed_time"])})
         log(f"offline round {r + 1}/{rounds}: {figures['output_tokens_per_second']:.0f} output tok/s")
     return out
 
@@ -277,6 +374,7 @@ def summarize(results: dict[str, Any], concurrency: list[int]) -> dict[str, Any]
         off = [o["output_tokens_per_second"] for o in results["offline"]]
         top = str(max(concurrency))
         out["offline_output_throughput"] = {"mean": _mean(off), "min": min(off), "max": max(off)}
+        out["offline_cpu_share"] = _mean([o.get("cpu_share") or None for o in results["offline"]])
         for s in SERVERS:
             out[f"{s}_over_offline"] = table[top][s]["output_throughput"] / _mean(off)
     return out
@@ -294,14 +392,17 @@ def _mean(values: list[Any]) -> Any:
     return sum(values) / len(values) if values else None
 
 
-def cpu_line(row: dict[str, Any], c: str) -> str | None:
-    """Where the machine's CPU went at concurrency ``c``: each server's processes and the load client."""
+def cpu_line(row: dict[str, Any], c: str, offline: dict[str, float] | None = None) -> str | None:
+    """Where the machine's CPU went at concurrency ``c`` while each server's engine was busy (:func:`busy_shares`):
+    each server's processes, the load client and the whole machine; and the engine offline on the same work."""
     parts = []
-    for s in SERVERS:
-        share = row[s].get("cpu_share")
-        if share:
-            parts.append(f"{s}: " + ", ".join(f"{role} {100 * v:.0f}%" for role, v in share.items()))
-    return f"CPU at {c} streams, share of all cores over the run: " + "; ".join(parts) if parts else None
+    for name, share in [*((s, row[s].get("cpu_share")) for s in SERVERS), ("offline", offline)]:
+        if share and "machine" in share:
+            roles = ", ".join(
+                f"{r} {100 * share[r]:.0f}%" for r in ("api", "engine_core", "worker", "client") if r in share
+            )
+            parts.append(f"{name}: {roles}, all {100 * share['machine']:.0f}% (over {share['window_s']:.0f} s)")
+    return f"CPU at {c} streams, share of all cores while the engine was busy: " + "; ".join(parts) if parts else None
 
 
 def report(doc: dict[str, Any]) -> str:
@@ -320,7 +421,7 @@ def report(doc: dict[str, Any]) -> str:
             f"{rss:>13}"
         )
     top = max(s["by_concurrency"], key=int)
-    if (line := cpu_line(s["by_concurrency"][top], top)) is not None:
+    if (line := cpu_line(s["by_concurrency"][top], top, s.get("offline_cpu_share"))) is not None:
         lines.append(line)
     if "offline_output_throughput" in s:
         off = s["offline_output_throughput"]
