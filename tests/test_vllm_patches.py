@@ -111,6 +111,18 @@ def test_a_forked_worker_gets_the_openmp_threads_vllm_chose_for_it(cpu_platform:
     assert _forked_threads() == (allowed, torch.get_num_threads())  # outside the binding: as the parent
 
 
+def test_a_binding_to_cores_this_process_lacks_leaves_the_worker_unbound_with_vllms_thread_count(
+    cpu_platform: list[str],
+) -> None:
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    allowed = sorted(os.sched_getaffinity(0))
+    assert patches.start_by_fork()
+    binding = types.SimpleNamespace(skip_setup=False, cpu_lists=[[4095]], use_iomp=False, use_gomp=False)
+    with OMPProcessManager.configure_omp_envs(binding, rank=0, local_rank=0):
+        assert _forked_threads() == (allowed, 1)  # the child lived on and was not left with the server's threads
+
+
 def _forked_threads() -> tuple[list[int], int]:
     """A child forked from this process reports its CPU affinity and torch's thread count."""
     import multiprocessing
