@@ -21,6 +21,17 @@ from runtime.engines.vllm import SPEC, compile_cache, patches
 pytestmark = pytest.mark.unit
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """vLLM's functions and kiln's guards write ``os.environ`` directly: each test leaves the environment as it found
+    it. A leaked ``VLLM_WORKER_MULTIPROC_METHOD=fork`` reads, in every server a later test starts, as an operator's
+    choice, which keeps spawn (tests/test_compile.py failed after this module)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def test_the_pinned_vllm_is_the_installed_one() -> None:
     """Fails when vLLM changes: re-read the guarded functions, re-measure, then move the pin (or drop a guard)."""
     assert SPEC.installed_version() == patches.PINNED_VLLM, (
