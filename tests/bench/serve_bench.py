@@ -123,16 +123,28 @@ class Proc:
 def peak_rss(proc: Proc, every: float = 0.25) -> Iterator[list[int]]:
     """Samples the process tree's RSS while the block runs; the list holds the peak afterwards."""
     peak = [proc.tree_rss()]
-    done = threading.Event()
 
     def sample() -> None:
-        while not done.wait(every):
-            peak[0] = max(peak[0], proc.tree_rss())
+        peak[0] = max(peak[0], proc.tree_rss())
 
-    thread = threading.Thread(target=sample, daemon=True)
+    with _every(every, sample):
+        yield peak
+
+
+@contextmanager
+def _every(every: float, sample: Callable[[], None]) -> Iterator[None]:
+    """Calls ``sample`` on a background thread at once and then every ``every`` seconds while the block runs."""
+    done = threading.Event()
+
+    def loop() -> None:
+        sample()
+        while not done.wait(every):
+            sample()
+
+    thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     try:
-        yield peak
+        yield
     finally:
         done.set()
         thread.join()
@@ -238,26 +250,17 @@ def cpu_samples(roles: Callable[[], dict[str, float]], every: float = 0.1) -> It
     idle or waiting), with the time of each sample. A role keeps what it had used once its processes exit."""
     samples: list[dict[str, float]] = []
     seen: dict[str, float] = {}
-    done = threading.Event()
 
     def sample() -> None:
-        while True:
-            m = psutil.cpu_times()
-            for role, used in roles().items():
-                seen[role] = max(seen.get(role, 0.0), used)
-            busy = sum(m) - m.idle - getattr(m, "iowait", 0.0)
-            samples.append({"t": time.monotonic(), "api": 0.0, "engine_core": 0.0, "worker": 0.0} | seen
-                           | {"machine": busy})  # fmt: skip
-            if done.wait(every):
-                return
+        m = psutil.cpu_times()
+        for role, used in roles().items():
+            seen[role] = max(seen.get(role, 0.0), used)
+        busy = sum(m) - m.idle - getattr(m, "iowait", 0.0)
+        samples.append({"t": time.monotonic(), "api": 0.0, "engine_core": 0.0, "worker": 0.0} | seen
+                       | {"machine": busy})  # fmt: skip
 
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
+    with _every(every, sample):
         yield samples
-    finally:
-        done.set()
-        thread.join()
 
 
 def _cmdline(p: psutil.Process) -> list[str]:
