@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -34,7 +35,6 @@ PR_SET_CHILD_SUBREAPER = 36
 TAIL_LINES = 30
 _current_log: Path | None = None
 _http_ports: set[int] = set()
-_at_fork: list[bool] = []  # the hook is registered once per process (os.register_at_fork has no undo)
 
 
 def _keeps_terminal() -> bool:
@@ -207,10 +207,14 @@ def forked_children_close_http(port: int) -> None:
     Otherwise an engine process would hold the listening socket, so the port would stay bound while it lives on
     after the server, and every connection open at the fork, so a client whose connection the server closed would
     never see it end."""
-    if not _at_fork:
-        os.register_at_fork(after_in_child=_close_http_sockets)
-        _at_fork.append(True)
+    _register_close_at_fork()
     _http_ports.add(port)
+
+
+@functools.cache
+def _register_close_at_fork() -> None:
+    """Once per process: os.register_at_fork has no undo."""
+    os.register_at_fork(after_in_child=_close_http_sockets)
 
 
 def _close_http_sockets() -> None:
